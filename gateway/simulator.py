@@ -1,0 +1,1143 @@
+"""A vLLM-compatible simulator runtime: a test double of vLLM's OpenAI server at the HTTP boundary.
+
+It answers what the gateway asks a real runtime (``/health``, ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions`` with SSE and ``include_usage``, vLLM-named ``/metrics``, ``/sleep``,
+``/wake_up``, ``/is_sleeping``) with deterministic text, configurable latency and injected faults.
+
+This file is copied alone into a Docker image whose Python has only the standard library and Debian
+bookworm's aiohttp 3.8, so it imports nothing else (orjson is used when present) and uses only aiohttp
+APIs common to 3.8 and current releases.
+
+Run: ``python -m gateway.simulator --model NAME [--served-model-name NAME ...] [--port 8000]``.
+Unknown options and positional words (real vLLM/SGLang arguments) are ignored with one log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+try:  # orjson is much faster, but the Docker image has only the standard library.
+    import orjson  # type: ignore[import-not-found,unused-ignore]
+
+    def _dumps(obj: Any) -> bytes:
+        return bytes(orjson.dumps(obj))
+
+except ImportError:  # pragma: no cover - exercised in the Docker image
+    _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+    def _dumps(obj: Any) -> bytes:
+        return _json_encoder.encode(obj).encode()
+
+
+VERSION = "0.0.0+simulator"
+
+# Every word is one token; output text is these words joined by single spaces.
+VOCABULARY: tuple[str, ...] = (
+    "the", "model", "answer", "is", "a", "simple", "token", "of", "text", "and",
+    "gateway", "runtime", "queue", "batch", "request", "stream", "fast", "slow", "node", "gpu",
+    "hello", "world", "data", "value", "result", "test", "sample", "output", "input", "prompt",
+    "green", "blue", "red", "small", "large", "quick", "brown", "fox", "jumps", "over",
+    "lazy", "dog", "river", "mountain", "cloud", "rain", "sun", "moon", "star", "sky",
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+    "yes", "no", "maybe", "done",
+)
+_VOCAB_SIZE = len(VOCABULARY)
+_PIECE_RE = re.compile(r"\s*\S+")
+# Tokens a chat message costs beyond its words (role markers), and the assistant prefix.
+CHAT_TOKENS_PER_MESSAGE = 4
+CHAT_TOKENS_REPLY_PRIMER = 3
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def log(message: str) -> None:
+    """Write one vLLM-style log line to stdout and flush it, so crash logs keep their content."""
+    stamp = time.strftime("%m-%d %H:%M:%S")
+    sys.stdout.write(f"INFO {stamp} [simulator] {message}\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimConfig:
+    """Everything the simulator was started with."""
+
+    model: str
+    served_model_names: list[str]
+    host: str = "0.0.0.0"
+    port: int = 8000
+    start_delay: float = 0.0
+    ttft: float = 0.0
+    itl: float = 0.0
+    output_tokens: int = 16
+    crash_after: int | None = None
+    exit_at_start: int | None = None
+    hang_after: int | None = None
+    fail_every: int | None = None
+    sleep_delay: float = 0.0
+    wake_delay: float = 0.0
+    max_model_len: int = 2048
+    ignored: list[str] = field(default_factory=list)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: vLLM's and SGLang's spellings of the options that matter, plus --sim-*."""
+    parser = argparse.ArgumentParser(
+        prog="simulator",
+        description="vLLM-compatible simulator runtime (a test double of vLLM's OpenAI server).",
+        # Abbreviations would let real runtime options (e.g. --model-loader-extra-config) be
+        # mistaken for ours.
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model", default=None, help="model name or path (vLLM spelling)")
+    parser.add_argument("--model-path", dest="model_path", default=None,
+                        help="model name or path (SGLang spelling)")
+    parser.add_argument("--served-model-name", dest="served_model_name", nargs="+", default=None,
+                        help="names the API accepts and reports (default: the model)")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-model-len", "--context-length", dest="max_model_len_alias",
+                        type=_positive_int, default=None,
+                        help="vLLM/SGLang spelling of --sim-max-model-len")
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--sim-start-delay", type=_non_negative_float, default=0.0,
+                     help="seconds before the port listens (as loading weights)")
+    sim.add_argument("--sim-ttft", type=_non_negative_float, default=0.0,
+                     help="time to first token, seconds")
+    sim.add_argument("--sim-itl", type=_non_negative_float, default=0.0,
+                     help="inter-token latency, seconds")
+    sim.add_argument("--sim-output-tokens", type=_non_negative_int, default=16,
+                     help="output length when max_tokens is absent")
+    sim.add_argument("--sim-crash-after", type=_non_negative_int, default=None,
+                     help="after N generation requests, the next one kills the process")
+    sim.add_argument("--sim-exit-at-start", type=int, default=None,
+                     help="exit with this code right away")
+    sim.add_argument("--sim-hang-after", type=_non_negative_int, default=None,
+                     help="generation requests after the N-th never answer")
+    sim.add_argument("--sim-fail-every", type=_positive_int, default=None,
+                     help="every N-th generation request answers 500")
+    sim.add_argument("--sim-sleep-delay", type=_non_negative_float, default=0.0)
+    sim.add_argument("--sim-wake-delay", type=_non_negative_float, default=0.0)
+    sim.add_argument("--sim-max-model-len", type=_positive_int, default=None,
+                     help="context length in tokens (default 2048)")
+    return parser
+
+
+def parse_config(argv: list[str]) -> SimConfig:
+    """Parse argv, ignoring (and remembering) everything the simulator does not know."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    model = args.model or args.model_path
+    if model is None:
+        # `vllm serve MODEL` (the vllm/vllm-openai image's entrypoint is `vllm serve`, so its
+        # arguments start with the model) passes the model as the first positional word.
+        words = unknown[1:] if unknown[:1] == ["serve"] else unknown
+        if words and not words[0].startswith("-"):
+            model = words[0]
+    if model is None:
+        model = "simulator-model"
+    served = args.served_model_name or [model]
+    max_model_len = args.sim_max_model_len or args.max_model_len_alias or 2048
+    return SimConfig(
+        model=model,
+        served_model_names=served,
+        host=args.host,
+        port=args.port,
+        start_delay=args.sim_start_delay,
+        ttft=args.sim_ttft,
+        itl=args.sim_itl,
+        output_tokens=args.sim_output_tokens,
+        crash_after=args.sim_crash_after,
+        exit_at_start=args.sim_exit_at_start,
+        hang_after=args.sim_hang_after,
+        fail_every=args.sim_fail_every,
+        sleep_delay=args.sim_sleep_delay,
+        wake_delay=args.sim_wake_delay,
+        max_model_len=max_model_len,
+        ignored=unknown,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Errors (vLLM's shape: {"error": {"message", "type", "param", "code"}})
+# --------------------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A client-facing error answered in vLLM's error shape."""
+
+    def __init__(self, message: str, status: int = 400, err_type: str = "BadRequestError",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.err_type = err_type
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        """The JSON object vLLM answers with."""
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param,
+                          "code": self.status}}
+
+    def response(self) -> web.Response:
+        """The error as an HTTP response."""
+        return web.Response(body=_dumps(self.body()), status=self.status,
+                            content_type="application/json")
+
+
+# --------------------------------------------------------------------------------------------
+# Request parsing and deterministic generation
+# --------------------------------------------------------------------------------------------
+
+
+def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer, got {value!r}", param=name)
+    if value < minimum:
+        raise RequestError(f"'{name}' must be at least {minimum}, got {value}", param=name)
+    return value
+
+
+def _opt_number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{name}' must be a number, got {value!r}", param=name)
+    return float(value)
+
+
+def _opt_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"'{name}' must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def _count_words(text: str) -> int:
+    return len(text.split())
+
+
+def _message_text(message: Any, index: int) -> str:
+    if not isinstance(message, dict):
+        raise RequestError(f"messages[{index}] must be an object", param="messages")
+    role = message.get("role")
+    if not isinstance(role, str):
+        raise RequestError(f"messages[{index}].role must be a string", param="messages")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise RequestError(f"messages[{index}].content parts must be objects",
+                                   param="messages")
+            text = part.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+        return " ".join(parts)
+    raise RequestError(f"messages[{index}].content must be a string or a list of parts",
+                       param="messages")
+
+
+@dataclass
+class GenRequest:
+    """A validated completion or chat request, reduced to what generation needs."""
+
+    chat: bool
+    model: str
+    prompts: list[str]  # the canonical text of each prompt (one for chat)
+    prompt_tokens: list[int]  # tokens of each prompt
+    max_tokens: int | None
+    n: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    stop: list[str]
+    include_stop: bool
+    seed: int | None
+    temperature: float | None
+    top_p: float | None
+    logprobs: int | None  # completions: top-k; chat: top_logprobs when logprobs is true
+    response_format: str | None  # None, "json_object" or "json_schema"
+    json_schema: dict[str, Any] | None
+
+
+def parse_request(body: Any, chat: bool) -> GenRequest:
+    """Validate a decoded JSON body the way vLLM's pydantic models would (400 on bad input)."""
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", param="model")
+    prompts: list[str] = []
+    prompt_tokens: list[int] = []
+    if chat:
+        messages = body.get("messages")
+        if messages is None:
+            raise RequestError("Field required: 'messages'", param="messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list", param="messages")
+        texts: list[str] = []
+        tokens = CHAT_TOKENS_REPLY_PRIMER
+        for index, message in enumerate(messages):
+            text = _message_text(message, index)
+            texts.append(f"{message['role']}:{text}")
+            tokens += CHAT_TOKENS_PER_MESSAGE + _count_words(text)
+        prompts.append("\n".join(texts))
+        prompt_tokens.append(tokens)
+    else:
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise RequestError("Field required: 'prompt'", param="prompt")
+        if isinstance(prompt, str):
+            prompts.append(prompt)
+            prompt_tokens.append(_count_words(prompt))
+        elif isinstance(prompt, list) and prompt and all(
+                isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            prompts.append(" ".join(map(str, prompt)))
+            prompt_tokens.append(len(prompt))
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts.extend(prompt)
+            prompt_tokens.extend(_count_words(p) for p in prompt)
+        elif isinstance(prompt, list) and prompt and all(
+                isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            prompts.extend(" ".join(map(str, p)) for p in prompt)
+            prompt_tokens.extend(len(p) for p in prompt)
+        else:
+            raise RequestError("'prompt' must be a string, a list of strings, a list of token "
+                               "ids or a list of lists of token ids", param="prompt")
+    max_tokens = _opt_int(body, "max_tokens", 1)
+    if chat:
+        max_completion = _opt_int(body, "max_completion_tokens", 1)
+        if max_completion is not None:
+            max_tokens = max_completion
+    n = _opt_int(body, "n", 1)
+    n = 1 if n is None else n
+    stream = _opt_bool(body, "stream")
+    include_usage = continuous_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise RequestError("'stream_options' must be an object", param="stream_options")
+        if not stream:
+            raise RequestError("Stream options can only be defined when `stream=True`.",
+                               param="stream_options")
+        include_usage = _opt_bool(stream_options, "include_usage")
+        continuous_usage = _opt_bool(stream_options, "continuous_usage_stats")
+    stop_value = body.get("stop")
+    if stop_value is None:
+        stop: list[str] = []
+    elif isinstance(stop_value, str):
+        stop = [stop_value] if stop_value else []
+    elif isinstance(stop_value, list) and all(isinstance(s, str) for s in stop_value):
+        stop = [s for s in stop_value if s]
+    else:
+        raise RequestError("'stop' must be a string or a list of strings", param="stop")
+    seed = _opt_int(body, "seed", -(2**63))
+    temperature = _opt_number(body, "temperature")
+    if temperature is not None and temperature < 0:
+        raise RequestError("temperature must be non-negative, got "
+                           f"{temperature}.", param="temperature")
+    top_p = _opt_number(body, "top_p")
+    logprobs: int | None
+    if chat:
+        if _opt_bool(body, "logprobs"):
+            top = _opt_int(body, "top_logprobs", 0)
+            logprobs = 0 if top is None else top
+        else:
+            if body.get("top_logprobs") not in (None, 0):
+                raise RequestError("when using `top_logprobs`, `logprobs` must be set to true.",
+                                   param="top_logprobs")
+            logprobs = None
+    else:
+        logprobs = _opt_int(body, "logprobs", 0)
+    if logprobs is not None and logprobs > 20:
+        raise RequestError(f"Requested sample logprobs of {logprobs}, which is greater than "
+                           "max allowed: 20", param="logprobs")
+    response_format = None
+    json_schema = None
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise RequestError("'response_format' must be an object with a 'type'",
+                               param="response_format")
+        kind = fmt["type"]
+        if kind not in ("text", "json_object", "json_schema", "structural_tag"):
+            raise RequestError(f"Unsupported response_format type {kind!r}",
+                               param="response_format")
+        if kind in ("json_object", "json_schema"):
+            response_format = kind
+            if kind == "json_schema":
+                wrapper = fmt.get("json_schema")
+                schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
+                json_schema = schema if isinstance(schema, dict) else {}
+    return GenRequest(
+        chat=chat, model=model or "", prompts=prompts, prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens, n=n, stream=stream, include_usage=include_usage,
+        continuous_usage=continuous_usage, stop=stop,
+        include_stop=_opt_bool(body, "include_stop_str_in_output"), seed=seed,
+        temperature=temperature, top_p=top_p, logprobs=logprobs,
+        response_format=response_format, json_schema=json_schema)
+
+
+@dataclass
+class Choice:
+    """One generated sequence: its token texts (as streamed), finish reason and logprobs."""
+
+    index: int
+    pieces: list[str]  # the text each streamed chunk carries, one token each
+    finish_reason: str
+    stop_reason: str | None
+    logprobs: list[tuple[float, list[tuple[str, float]]]] | None  # per piece: (lp, top-k)
+
+    @property
+    def text(self) -> str:
+        """The whole output text."""
+        return "".join(self.pieces)
+
+
+def _json_value(schema: Any, rng: random.Random) -> Any:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(schema, dict) and isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if kind == "integer":
+        return rng.randrange(100)
+    if kind == "number":
+        return rng.randrange(1000) / 10
+    if kind == "boolean":
+        return bool(rng.randrange(2))
+    if kind == "array":
+        return []
+    if kind == "object":
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        if isinstance(props, dict):
+            return {key: _json_value(sub, rng) for key, sub in props.items()}
+        return {}
+    if kind == "null":
+        return None
+    return VOCABULARY[rng.randrange(_VOCAB_SIZE)]
+
+
+def _json_pieces(req: GenRequest, rng: random.Random, words: int) -> list[str]:
+    """A small valid JSON object split into token-sized pieces."""
+    if req.response_format == "json_schema" and req.json_schema:
+        value = _json_value(req.json_schema, rng)
+        if not isinstance(value, dict):
+            value = {"value": value}
+    else:
+        value = {"answer": " ".join(VOCABULARY[rng.randrange(_VOCAB_SIZE)]
+                                    for _ in range(max(1, words)))}
+    # A piece is optional leading whitespace plus a run of non-space characters: token-like.
+    return _PIECE_RE.findall(json.dumps(value))
+
+
+def _rng_for(req: GenRequest, prompt: str, index: int) -> random.Random:
+    # Greedy sampling gives every choice the same text; sampled choices differ by index.
+    greedy = req.temperature == 0
+    key = f"{req.chat}\x00{prompt}\x00{req.seed}\x00{req.temperature}\x00{req.top_p}\x00" \
+          f"{req.response_format}\x00{0 if greedy else index}"
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "big"))
+
+
+def generate(req: GenRequest, prompt: str, index: int, limit: int, natural_stop: bool) -> Choice:
+    """The deterministic output for one choice: the same request always gives the same text."""
+    rng = _rng_for(req, prompt, index)
+    if req.response_format:
+        # The whole object when it fits (a natural stop), else cut at the limit as vLLM would.
+        state = rng.getstate()
+        words = max(1, min(limit, 64) - 1)
+        while True:
+            rng.setstate(state)
+            raw = _json_pieces(req, rng, words)
+            if len(raw) <= limit or words == 1 or req.response_format == "json_schema":
+                break
+            words -= 1
+        natural_stop = len(raw) <= limit
+        raw = raw[:limit]
+    else:
+        raw = []
+        for position in range(limit):
+            word = VOCABULARY[rng.randrange(_VOCAB_SIZE)]
+            raw.append(word if position == 0 and req.chat else " " + word)
+    finish_reason = "stop" if natural_stop else "length"
+    stop_reason: str | None = None
+    pieces = raw
+    if req.stop:
+        pieces = []
+        text = ""
+        for piece in raw:
+            scan_from = max(0, len(text) - max(len(s) for s in req.stop))
+            text += piece
+            hit_at = -1
+            hit: str | None = None
+            for candidate in req.stop:
+                at = text.find(candidate, scan_from)
+                if at != -1 and (hit_at == -1 or at < hit_at):
+                    hit_at, hit = at, candidate
+            if hit is None:
+                pieces.append(piece)
+                continue
+            end = hit_at + len(hit) if req.include_stop else hit_at
+            keep = end - (len(text) - len(piece))
+            pieces.append(piece[:max(0, keep)])
+            finish_reason, stop_reason = "stop", hit
+            break
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = []
+        k = req.logprobs
+        for piece in pieces:
+            chosen = -round(rng.random() * 2.0, 4)
+            # The sampled token ranks first; the rest are distinct, less likely words.
+            top: list[tuple[str, float]] = [(piece, chosen)]
+            lower = chosen
+            offset = rng.randrange(_VOCAB_SIZE)
+            spaced = piece != piece.lstrip()
+            for rank in range(1, k):
+                lower = round(lower - 0.1 - rng.random(), 4)
+                word = VOCABULARY[(offset + rank) % _VOCAB_SIZE]
+                if word == piece.strip():
+                    offset += 1
+                    word = VOCABULARY[(offset + rank) % _VOCAB_SIZE]
+                top.append((" " + word if spaced else word, lower))
+            logprobs.append((chosen, top))
+    return Choice(index=index, pieces=pieces, finish_reason=finish_reason,
+                  stop_reason=stop_reason, logprobs=logprobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics, written in Prometheus text format by hand (no prometheus_client in the image)
+# --------------------------------------------------------------------------------------------
+
+
+class Histogram:
+    """A Prometheus histogram with fixed buckets."""
+
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation."""
+        self.total += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+
+    def render(self, name: str, help_text: str, labels: str) -> list[str]:
+        """The exposition lines of this histogram."""
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.buckets, self.counts):
+            cumulative += count
+            lines.append(f'{name}_bucket{{{labels},le="{float(bound)}"}} {float(cumulative)}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {float(self.count)}')
+        lines.append(f"{name}_count{{{labels}}} {float(self.count)}")
+        lines.append(f"{name}_sum{{{labels}}} {self.total}")
+        return lines
+
+
+class Metrics:
+    """The vLLM metrics the gateway and dashboards read."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success: dict[str, int] = {"stop": 0, "length": 0, "abort": 0}
+        self.ttft = Histogram(_TTFT_BUCKETS)
+        self.e2e = Histogram(_LATENCY_BUCKETS)
+        self.itl = Histogram(_ITL_BUCKETS)
+        self.prompt_hist = Histogram(_TOKEN_BUCKETS)
+        self.gen_hist = Histogram(_TOKEN_BUCKETS)
+
+    def render(self, model_name: str) -> bytes:
+        """The whole /metrics page."""
+        name_label = model_name.replace("\\", "\\\\").replace('"', '\\"')
+        labels = f'engine="0",model_name="{name_label}"'
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} {float(self.running)}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} {float(self.waiting)}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {min(1.0, self.running / 256)}",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{labels}}} {float(self.prompt_tokens)}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{labels}}} {float(self.generation_tokens)}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+        ]
+        for reason, count in self.success.items():
+            lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} '
+                         f"{float(count)}")
+        lines += self.ttft.render("vllm:time_to_first_token_seconds",
+                                  "Histogram of time to first token in seconds.", labels)
+        lines += self.itl.render("vllm:inter_token_latency_seconds",
+                                 "Histogram of inter-token latency in seconds.", labels)
+        lines += self.e2e.render("vllm:e2e_request_latency_seconds",
+                                 "Histogram of e2e request latency in seconds.", labels)
+        lines += self.prompt_hist.render("vllm:request_prompt_tokens",
+                                         "Number of prefill tokens processed.", labels)
+        lines += self.gen_hist.render("vllm:request_generation_tokens",
+                                      "Number of generation tokens processed.", labels)
+        return ("\n".join(lines) + "\n").encode()
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+_SSE_DONE = b"data: [DONE]\n\n"
+_SHUTDOWN_TIMEOUT = 1.0
+
+
+class Simulator:
+    """The simulated runtime's state and request handlers."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.served = set(config.served_model_names)
+        self.model_name = config.served_model_names[0]
+        self.metrics = Metrics()
+        self.generation_requests = 0
+        self.sleeping = False
+        self.awake = asyncio.Event()
+        self.awake.set()
+        self.created = int(time.time())
+        self._hung: list[asyncio.Future[None]] = []
+
+    # -- app ---------------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application with vLLM's routes."""
+        app = web.Application(middlewares=[self._log_middleware], client_max_size=64 * 1024**2)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ping", self.health)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_post("/sleep", self.sleep)
+        app.router.add_post("/wake_up", self.wake_up)
+        app.router.add_get("/is_sleeping", self.is_sleeping)
+        app.on_shutdown.append(self._release_hung)
+        return app
+
+    async def _release_hung(self, _app: web.Application) -> None:
+        for future in self._hung:
+            if not future.done():
+                future.cancel()
+
+    @web.middleware
+    async def _log_middleware(self, request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                              ) -> web.StreamResponse:
+        started = time.monotonic()
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            # Unknown routes and methods: vLLM (FastAPI) answers {"detail": "Not Found"}.
+            response = web.Response(body=_dumps({"detail": exc.reason}), status=exc.status,
+                                    content_type="application/json")
+        except asyncio.CancelledError:
+            raise
+        except ConnectionResetError:
+            # Nothing can be sent to a client that has gone; keep the server quiet about it.
+            raise
+        except Exception as exc:  # noqa: BLE001 - a test double must answer, not die
+            log(f"internal error on {request.method} {request.path}: {exc!r}")
+            response = RequestError(f"Internal server error: {exc}", status=500,
+                                    err_type="InternalServerError").response()
+        log(f'{request.remote} "{request.method} {request.path_qs}" {response.status} '
+            f"{(time.monotonic() - started) * 1000:.1f}ms")
+        return response
+
+    # -- simple endpoints --------------------------------------------------------------------
+
+    async def health(self, _request: web.Request) -> web.Response:
+        """200 with an empty body once listening."""
+        return web.Response(status=200)
+
+    async def version(self, _request: web.Request) -> web.Response:
+        """vLLM's /version."""
+        return web.Response(body=_dumps({"version": VERSION}), content_type="application/json")
+
+    async def models(self, _request: web.Request) -> web.Response:
+        """vLLM's /v1/models: one card per served name."""
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "vllm",
+                 "root": self.config.model, "parent": None,
+                 "max_model_len": self.config.max_model_len,
+                 "permission": [{"id": f"modelperm-{uuid.uuid4().hex}",
+                                 "object": "model_permission", "created": self.created,
+                                 "allow_create_engine": False, "allow_sampling": True,
+                                 "allow_logprobs": True, "allow_search_indices": False,
+                                 "allow_view": True, "allow_fine_tuning": False,
+                                 "organization": "*", "group": None, "is_blocking": False}]}
+                for name in self.config.served_model_names]
+        return web.Response(body=_dumps({"object": "list", "data": data}),
+                            content_type="application/json")
+
+    async def metrics_page(self, _request: web.Request) -> web.Response:
+        """Prometheus text with vLLM's metric names."""
+        return web.Response(body=self.metrics.render(self.model_name),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        """Put the engine to sleep (level 1 or 2); generation waits until wake-up."""
+        level = request.query.get("level", "1")
+        if level not in ("1", "2"):
+            return RequestError(f"Invalid sleep level {level!r}: expected 1 or 2",
+                                param="level").response()
+        if self.config.sleep_delay:
+            await asyncio.sleep(self.config.sleep_delay)
+        self.sleeping = True
+        self.awake.clear()
+        log(f"engine is sleeping (level {level})")
+        return web.Response(status=200)
+
+    async def wake_up(self, _request: web.Request) -> web.Response:
+        """Wake the engine; requests that waited start running."""
+        if self.sleeping and self.config.wake_delay:
+            await asyncio.sleep(self.config.wake_delay)
+        self.sleeping = False
+        self.awake.set()
+        log("engine is awake")
+        return web.Response(status=200)
+
+    async def is_sleeping(self, _request: web.Request) -> web.Response:
+        """{"is_sleeping": bool}."""
+        return web.Response(body=_dumps({"is_sleeping": self.sleeping}),
+                            content_type="application/json")
+
+    # -- generation --------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise RequestError(f"JSON decode error: {exc}") from None
+            req = parse_request(body, chat)
+            if req.model and req.model not in self.served:
+                raise RequestError(f"The model `{req.model}` does not exist.", status=404,
+                                   err_type="NotFoundError", param="model")
+            req.model = req.model or self.model_name
+            limits = self._output_limits(req)
+        except RequestError as error:
+            return error.response()
+        config = self.config
+        self.generation_requests += 1
+        number = self.generation_requests
+        crash = config.crash_after is not None and number > config.crash_after
+        if config.hang_after is not None and number > config.hang_after:
+            log(f"request {number} hangs (--sim-hang-after {config.hang_after})")
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._hung.append(future)
+            await future
+        if config.fail_every is not None and number % config.fail_every == 0:
+            return RequestError(f"Simulated engine failure on request {number} "
+                                f"(--sim-fail-every {config.fail_every})", status=500,
+                                err_type="InternalServerError").response()
+        metrics = self.metrics
+        arrived = time.monotonic()
+        if not self.awake.is_set():
+            metrics.waiting += 1
+            try:
+                await self.awake.wait()
+            finally:
+                metrics.waiting -= 1
+        metrics.running += 1
+        try:
+            choices = [generate(req, prompt, p * req.n + i, limit, natural)
+                       for p, (prompt, (limit, natural)) in enumerate(zip(req.prompts, limits))
+                       for i in range(req.n)]
+            # Choices are numbered prompt-major; each knows which prompt it belongs to.
+            prompt_of = [p for p in range(len(req.prompts)) for _ in range(req.n)]
+            prompt_total = sum(req.prompt_tokens)
+            if crash and not req.stream:
+                self._crash(number)
+            try:
+                if req.stream:
+                    response = await self._stream(request, req, choices, prompt_of, arrived,
+                                                  crash, number)
+                else:
+                    response = await self._complete(req, choices, prompt_of, arrived)
+            except (asyncio.CancelledError, ConnectionResetError):
+                # The client went away (aiohttp 3.8 cancels the handler; later versions fail
+                # the write): vLLM aborts the request.
+                metrics.success["abort"] += len(choices)
+                log(f"request {number} aborted: client disconnected")
+                raise
+            completion_total = sum(len(c.pieces) for c in choices)
+            metrics.prompt_tokens += prompt_total
+            metrics.generation_tokens += completion_total
+            metrics.prompt_hist.observe(prompt_total)
+            metrics.gen_hist.observe(completion_total)
+            metrics.e2e.observe(time.monotonic() - arrived)
+            for choice in choices:
+                metrics.success[choice.finish_reason] = metrics.success.get(
+                    choice.finish_reason, 0) + 1
+            return response
+        finally:
+            metrics.running -= 1
+
+    def _output_limits(self, req: GenRequest) -> list[tuple[int, bool]]:
+        """Per prompt: how many tokens to generate and whether ending there is a natural stop."""
+        max_len = self.config.max_model_len
+        limits: list[tuple[int, bool]] = []
+        for tokens in req.prompt_tokens:
+            if tokens >= max_len:
+                raise RequestError(
+                    f"This model's maximum context length is {max_len} tokens. However, your "
+                    f"request has {tokens} input tokens. Please reduce the length of the input "
+                    "messages.", param="messages" if req.chat else "prompt")
+            room = max_len - tokens
+            if req.max_tokens is None:
+                limits.append((min(self.config.output_tokens, room),
+                               self.config.output_tokens <= room))
+                continue
+            if req.max_tokens > room:
+                name = "max_completion_tokens" if req.chat else "max_tokens"
+                raise RequestError(
+                    f"'max_tokens' or 'max_completion_tokens' is too large: {req.max_tokens}. "
+                    f"This model's maximum context length is {max_len} tokens and your request "
+                    f"has {tokens} input tokens ({req.max_tokens} > {max_len} - {tokens}).",
+                    param=name)
+            limits.append((req.max_tokens, False))
+        return limits
+
+    def _crash(self, number: int) -> None:
+        log(f"simulated crash on request {number} (--sim-crash-after {self.config.crash_after}); "
+            "exiting with status 1")
+        os._exit(1)
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens": completion_tokens, "prompt_tokens_details": None}
+
+    @staticmethod
+    def _completion_logprobs(choice: Choice, start: int = 0, stop: int | None = None,
+                             offset: int = 0) -> dict[str, Any]:
+        assert choice.logprobs is not None
+        end = len(choice.pieces) if stop is None else stop
+        tokens: list[str] = []
+        token_logprobs: list[float] = []
+        top_logprobs: list[dict[str, float]] = []
+        text_offset: list[int] = []
+        for piece, (lp, top) in zip(choice.pieces[start:end], choice.logprobs[start:end]):
+            tokens.append(piece)
+            token_logprobs.append(lp)
+            top_logprobs.append(dict(top))  # sampled token + top-k, deduplicated
+            text_offset.append(offset)
+            offset += len(piece)
+        return {"text_offset": text_offset, "token_logprobs": token_logprobs, "tokens": tokens,
+                "top_logprobs": top_logprobs}
+
+    @staticmethod
+    def _chat_logprobs(choice: Choice, top_k: int, start: int = 0,
+                       stop: int | None = None) -> dict[str, Any]:
+        assert choice.logprobs is not None
+        end = len(choice.pieces) if stop is None else stop
+        content = []
+        for piece, (lp, top) in zip(choice.pieces[start:end], choice.logprobs[start:end]):
+            content.append({
+                "token": piece, "logprob": lp, "bytes": list(piece.encode()),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
+                                 for t, v in top[:top_k]],
+            })
+        return {"content": content}
+
+    async def _complete(self, req: GenRequest, choices: list[Choice], prompt_of: list[int],
+                        arrived: float) -> web.Response:
+        config = self.config
+        longest = max((len(c.pieces) for c in choices), default=0)
+        if config.ttft:
+            await asyncio.sleep(config.ttft)
+        self.metrics.ttft.observe(time.monotonic() - arrived)
+        if config.itl and longest > 1:
+            await asyncio.sleep(config.itl * (longest - 1))
+        completion_tokens = sum(len(c.pieces) for c in choices)
+        usage = self._usage(sum(req.prompt_tokens), completion_tokens)
+        created = int(time.time())
+        if req.chat:
+            out_choices = []
+            for c in choices:
+                out_choices.append({
+                    "index": c.index,
+                    "message": {"role": "assistant", "reasoning_content": None,
+                                "content": c.text, "tool_calls": []},
+                    "logprobs": self._chat_logprobs(c, req.logprobs or 0) if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                })
+            body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                    "created": created, "model": req.model, "choices": out_choices,
+                    "usage": usage, "prompt_logprobs": None, "kv_transfer_params": None}
+        else:
+            out_choices = []
+            for c in choices:
+                out_choices.append({
+                    "index": c.index, "text": c.text,
+                    "logprobs": self._completion_logprobs(c) if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    "prompt_logprobs": None,
+                })
+            body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                    "created": created, "model": req.model, "choices": out_choices,
+                    "usage": usage, "kv_transfer_params": None}
+        return web.Response(body=_dumps(body), content_type="application/json")
+
+    async def _stream(self, request: web.Request, req: GenRequest, choices: list[Choice],
+                      prompt_of: list[int], arrived: float, crash: bool,
+                      number: int) -> web.StreamResponse:
+        config = self.config
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        created = int(time.time())
+        chat = req.chat
+        request_id = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        prompt_total = sum(req.prompt_tokens)
+        longest = max((len(c.pieces) for c in choices), default=0)
+        # Chunks this request would send: role chunks (chat), one per token, one per finish.
+        total_chunks = (len(choices) if chat else 0) + sum(len(c.pieces) for c in choices) + \
+            len(choices)
+        crash_at = max(1, total_chunks // 2) if crash else -1
+        sent = 0
+        write = response.write
+
+        def frame(choice_list: list[dict[str, Any]], usage: dict[str, Any] | None) -> bytes:
+            chunk: dict[str, Any] = {"id": request_id, "object": obj, "created": created,
+                                     "model": req.model, "choices": choice_list}
+            # vLLM serializes chunks with exclude_unset: no "usage" key unless it is set.
+            if usage is not None:
+                chunk["usage"] = usage
+            return b"data: " + _dumps(chunk) + b"\n\n"
+
+        async def send(data: bytes) -> None:
+            nonlocal sent
+            await write(data)
+            sent += 1
+            if sent == crash_at:
+                self._crash(number)
+
+        if config.ttft:
+            await asyncio.sleep(config.ttft)
+        if chat:
+            for c in choices:
+                usage = self._usage(prompt_total, 0) if req.continuous_usage else None
+                await send(frame([{"index": c.index,
+                                   "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}], usage))
+        first = True
+        generated = [0] * len(choices)
+        for position in range(longest):
+            if not first and config.itl:
+                await asyncio.sleep(config.itl)
+            for c in choices:
+                if position >= len(c.pieces):
+                    continue
+                generated[c.index] += 1
+                piece = c.pieces[position]
+                last = position == len(c.pieces) - 1
+                usage = (self._usage(req.prompt_tokens[prompt_of[c.index]], generated[c.index])
+                         if req.continuous_usage else None)
+                if chat:
+                    out: dict[str, Any] = {
+                        "index": c.index, "delta": {"content": piece},
+                        "logprobs": (self._chat_logprobs(c, req.logprobs or 0, position, position + 1)
+                                     if c.logprobs is not None else None),
+                        "finish_reason": c.finish_reason if last else None,
+                    }
+                    if last:
+                        out["stop_reason"] = c.stop_reason
+                else:
+                    logprobs = None
+                    if c.logprobs is not None:
+                        # text_offset counts from the start of this choice's text.
+                        offset = sum(len(p) for p in c.pieces[:position])
+                        logprobs = self._completion_logprobs(c, position, position + 1, offset)
+                    out = {
+                        "index": c.index, "text": piece, "logprobs": logprobs,
+                        "finish_reason": c.finish_reason if last else None,
+                        "stop_reason": c.stop_reason if last else None,
+                    }
+                await send(frame([out], usage))
+            if first:
+                first = False
+                self.metrics.ttft.observe(time.monotonic() - arrived)
+        # A choice that produced no token still needs its finishing chunk.
+        for c in choices:
+            if not c.pieces:
+                usage = self._usage(prompt_total, 0) if req.continuous_usage else None
+                if chat:
+                    out = {"index": c.index, "delta": {"content": ""}, "logprobs": None,
+                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                else:
+                    out = {"index": c.index, "text": "", "logprobs": None,
+                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                await send(frame([out], usage))
+        if req.include_usage:
+            completion_tokens = sum(len(c.pieces) for c in choices)
+            # vLLM drops None fields (prompt_tokens_details) from this chunk only.
+            await send(frame([], {"prompt_tokens": prompt_total,
+                                  "total_tokens": prompt_total + completion_tokens,
+                                  "completion_tokens": completion_tokens}))
+        if crash:
+            self._crash(number)
+        await write(_SSE_DONE)
+        await response.write_eof()
+        return response
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+async def serve(config: SimConfig) -> None:
+    """Wait the start delay, listen, and serve until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Handlers first: as PID 1 in a container, a signal without a handler is ignored, and
+    # `docker stop` during the start delay would wait for its timeout.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+            pass
+    if config.start_delay:
+        log(f"loading weights (simulated, {config.start_delay:g}s)")
+        try:
+            await asyncio.wait_for(stop.wait(), config.start_delay)
+            log("stopped while loading")
+            return
+        except asyncio.TimeoutError:
+            pass
+    simulator = Simulator(config)
+    app = simulator.make_app()
+    # Stop fast, as vLLM does, instead of waiting 60 s for open streams; aiohttp 3.8 takes the
+    # timeout on the site, later versions on the runner.
+    runner_kwargs: dict[str, Any] = {"access_log": None, "handle_signals": False}
+    site_kwargs: dict[str, Any] = {"reuse_address": True}
+    if "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters:
+        runner_kwargs["shutdown_timeout"] = _SHUTDOWN_TIMEOUT
+    else:  # pragma: no cover - aiohttp < 3.9 (the Docker image)
+        site_kwargs["shutdown_timeout"] = _SHUTDOWN_TIMEOUT
+    runner = web.AppRunner(app, **runner_kwargs)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, **site_kwargs)
+    await site.start()
+    port = config.port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        port = server.sockets[0].getsockname()[1]
+    log(f"Started server process [{os.getpid()}]")
+    log(f"Uvicorn running on http://{config.host}:{port} (Press CTRL+C to quit)")
+    log("Application startup complete.")
+    try:
+        await stop.wait()
+    finally:
+        log("Shutting down")
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    if config.ignored:
+        log(f"ignoring unrecognised arguments: {' '.join(config.ignored)}")
+    if config.exit_at_start is not None:
+        log(f"simulated start-up failure: exiting with status {config.exit_at_start}")
+        return config.exit_at_start
+    log(f"simulating vLLM: model={config.model} served_model_names={config.served_model_names} "
+        f"max_model_len={config.max_model_len} ttft={config.ttft:g}s itl={config.itl:g}s")
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
