@@ -1,0 +1,40 @@
+"""Realtime activity as the proxy sees it: what the batch dispatcher reads to decide when to swap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class RealtimeActivity:
+    """Counts realtime requests in flight and remembers when the last one arrived.
+
+    The proxy calls `begin()`/`end()` around every realtime request and `want_realtime()` when a
+    realtime request finds another model loaded; the dispatcher awaits `wanted` to end a batch group.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_request_at = 0.0
+        self.wanted = asyncio.Event()
+
+    def begin(self) -> None:
+        """A realtime request arrived."""
+        self.in_flight += 1
+        self.last_request_at = time.monotonic()
+
+    def end(self) -> None:
+        """A realtime request finished (any outcome)."""
+        self.in_flight -= 1
+        self.last_request_at = time.monotonic()
+
+    def want_realtime(self) -> None:
+        """A realtime request found the realtime model not loaded: ask for it back."""
+        self.last_request_at = time.monotonic()
+        self.wanted.set()
+
+    def idle_for(self) -> float:
+        """Seconds since the last realtime request began or ended (0 while any is in flight)."""
+        if self.in_flight:
+            return 0.0
+        return time.monotonic() - self.last_request_at if self.last_request_at else float("inf")

@@ -1,0 +1,1 @@
+"""The aiohttp front: app factory, middleware and one module per route family."""

@@ -1,0 +1,66 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}` with the right status."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+
+class ApiError(Exception):
+    """Raise from a handler to answer with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                 code: str | None = None, param: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        """This error as an HTTP response."""
+        return error_response(self.status, self.message, type=self.type, code=self.code,
+                              param=self.param, headers=self.headers)
+
+
+def error_body(message: str, *, type: str, code: str | None = None,  # noqa: A002
+               param: str | None = None) -> bytes:
+    """The JSON bytes of an OpenAI-shaped error."""
+    return orjson.dumps({"error": {"message": message, "type": type, "code": code, "param": param}})
+
+
+def error_response(status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                   code: str | None = None, param: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
+    """An OpenAI-shaped error response."""
+    return web.Response(status=status, body=error_body(message, type=type, code=code, param=param),
+                        content_type="application/json", headers=headers)
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
+    """A 400 naming the offending parameter."""
+    return ApiError(400, message, param=param, code=code)
+
+
+def json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json",
+                        headers=headers)
+
+
+def parse_json_object(body: bytes) -> dict[str, object]:
+    """Parse a request body that must be one JSON object, or raise a clear 400."""
+    if not body:
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"The request body must be a JSON object, not {type(data).__name__}.")
+    return data

@@ -1,0 +1,111 @@
+"""Middleware: request id + metrics + error shaping (outermost), then the scope check."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from gateway import metrics
+from gateway.http.appkeys import KEYRING, SETTINGS
+from gateway.http.auth import Scope
+from gateway.http.errors import ApiError, error_response
+
+log = structlog.get_logger(component="http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_MISSING = object()
+
+_STATUS_TEXT = {
+    404: ("not_found", "No route matches {method} {path}."),
+    405: ("method_not_allowed", "{method} is not allowed on {path}."),
+    413: ("request_too_large", "The request body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)."),
+}
+
+
+def route_label(request: web.Request) -> str:
+    """The route template (bounded label set); 'unmatched' for 404s."""
+    info = request.match_info
+    if info.http_exception is not None or info.route.resource is None:
+        return "unmatched"
+    return info.route.resource.canonical
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id, time the request, and turn every error into an OpenAI-shaped response."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request["request_id"] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    metrics.HTTP_IN_FLIGHT.inc()
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:
+        response = _http_exception_response(request, exc)
+    except Exception:
+        log.exception("unhandled_error", method=request.method, path=request.path)
+        response = error_response(500, f"Internal error; quote request id {request_id} when reporting it.",
+                                  type="server_error", code="internal_error")
+    finally:
+        metrics.HTTP_IN_FLIGHT.dec()
+    route = route_label(request)
+    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+    metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    return response
+
+
+def _http_exception_response(request: web.Request, exc: web.HTTPException) -> web.StreamResponse:
+    if exc.status < 400:
+        return exc  # redirects and the like pass through unchanged
+    code, template = _STATUS_TEXT.get(exc.status, ("http_error", "{reason}"))
+    limit = request.app[SETTINGS].max_body_bytes
+    message = template.format(method=request.method, path=request.path, limit=limit, reason=exc.reason)
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    return error_response(exc.status, message, code=code, headers=headers)
+
+
+def _unauthorized(message: str, code: str, scope: Scope, bad_token: bool) -> ApiError:
+    challenge = f'Bearer realm="llm-gateway", scope="{scope.value}"'
+    if bad_token:
+        challenge += ', error="invalid_token"'
+    return ApiError(401, message, type="authentication_error", code=code,
+                    headers={"WWW-Authenticate": challenge})
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Enforce the scope a handler declares with `requires_scope`; routes without one are 404/405."""
+    scope = getattr(request.match_info.handler, "required_scope", _MISSING)
+    if scope is _MISSING or scope is None or request.match_info.http_exception is not None:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    need = f"This route needs an API key with the '{scope.value}' scope"
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized(f"{need}; send it as 'Authorization: Bearer <token>'.", "missing_api_key",
+                            scope, bad_token=False)
+    key = request.app[KEYRING].authenticate(token)
+    if key is None:
+        raise _unauthorized(f"{need}; the token given is not a known key.", "invalid_api_key", scope,
+                            bad_token=True)
+    if not key.allows(scope):
+        have = ", ".join(sorted(s.value for s in key.scopes))
+        raise _unauthorized(f"{need}; key '{key.id}' has only: {have}.", "missing_scope", scope,
+                            bad_token=False)
+    request["api_key"] = key
+    structlog.contextvars.bind_contextvars(key_id=key.id)
+    return await handler(request)

@@ -1,0 +1,306 @@
+"""The realtime OpenAI proxy: /v1/completions, /v1/chat/completions and /v1/models.
+
+The hot path parses the body once with orjson, checks the model, reads the supervisor's snapshot (no
+I/O), forwards the bytes over the pooled upstream session, relays the answer (SSE event by event), and
+hands one usage event to the accountant without awaiting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import metrics
+from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState
+from gateway.actors.usage import UsageEvent
+from gateway.http.appkeys import ACCOUNTANT, ACTIVITY, SETTINGS, SUPERVISOR, UPSTREAM
+from gateway.http.auth import Scope, requires_scope
+from gateway.http.errors import ApiError, bad_request, error_body, parse_json_object
+from gateway.settings import Settings
+
+log = structlog.get_logger(component="realtime")
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+
+
+def _check_int(data: dict[str, Any], name: str, minimum: int) -> None:
+    value = data.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise bad_request(f"'{name}' must be an integer >= {minimum}, got {orjson.dumps(value).decode()}.",
+                          param=name)
+
+
+def validate_request(data: dict[str, Any], *, chat: bool, settings: Settings) -> tuple[bool, bool]:
+    """Check what the gateway itself relies on; return (changed, stream). The runtime checks the rest."""
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a string.", param="model")
+    changed = False
+    if model != settings.realtime_model:
+        if model not in settings.aliases:
+            served = ", ".join([settings.realtime_model, *sorted(settings.aliases)])
+            raise ApiError(404, f"The model '{model}' is not served here; use one of: {served}.",
+                           code="model_not_found", param="model")
+        data["model"] = settings.realtime_model
+        changed = True
+    if chat:
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array of chat messages.", param="messages")
+        if not all(isinstance(m, dict) for m in messages):
+            raise bad_request("Each entry of 'messages' must be an object with 'role' and 'content'.",
+                              param="messages")
+    else:
+        prompt = data.get("prompt")
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
+            raise bad_request("'prompt' is required: a string, or a non-empty array of strings or token ids.",
+                              param="prompt")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        _check_int(data, name, 1)
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be true or false.", param="stream")
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object.", param="stream_options")
+    return changed, stream
+
+
+def unavailable(request: web.Request, snap: RuntimeSnapshot) -> ApiError:
+    """A 503 with Retry-After that says why the runtime cannot take the request now."""
+    settings = request.app[SETTINGS]
+    wait = snap.retry_after()
+    if snap.state is RuntimeState.STOPPED:
+        request.app[SUPERVISOR].request_start()
+        what, code = "is stopped and is being started", "runtime_stopped"
+    elif snap.model and snap.model != settings.realtime_model:
+        request.app[ACTIVITY].want_realtime()
+        what, code = f"is serving batch model '{snap.model}'; the realtime model is being brought back", \
+            "runtime_swapping"
+        wait = max(wait, 1)
+    elif snap.state is RuntimeState.FAILED:
+        what, code = f"failed ({snap.last_error or 'unknown error'}) and is being restarted", "runtime_failed"
+    else:
+        what, code = f"is {snap.state.value}", f"runtime_{snap.state.value}"
+    return ApiError(503, f"The runtime for '{settings.realtime_model}' {what}; retry in {wait} s.",
+                    type="server_error", code=code, headers={"Retry-After": str(wait)})
+
+
+def _upstream_error(kind: str, exc: BaseException | None = None) -> ApiError:
+    metrics.UPSTREAM_ERRORS.labels(kind).inc()
+    if kind == "timeout":
+        return ApiError(504, "The runtime did not answer in time.", type="server_error", code="upstream_timeout")
+    detail = f": {exc.__class__.__name__}" if exc else ""
+    return ApiError(502, f"The runtime could not be reached or broke the connection{detail}.",
+                    type="server_error", code="upstream_unavailable")
+
+
+def _usage_of(obj: Any) -> tuple[int, int]:
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    body = await request.read()
+    data = parse_json_object(body)
+    changed, stream = validate_request(data, chat=chat, settings=settings)
+    client_wants_usage = False
+    if stream:
+        options = data.get("stream_options") or {}
+        client_wants_usage = bool(options.get("include_usage"))
+        if not client_wants_usage:
+            data["stream_options"] = {**options, "include_usage": True}
+            changed = True
+    if changed:
+        body = orjson.dumps(data)
+    snap = app[SUPERVISOR].snapshot
+    if not snap.ready or snap.model != settings.realtime_model:
+        raise unavailable(request, snap)
+
+    key_id = request["api_key"].id
+    activity = app[ACTIVITY]
+    accountant = app[ACCOUNTANT]
+    activity.begin()
+    ok, prompt_tokens, completion_tokens = False, 0, 0
+    try:
+        started = time.perf_counter()
+        headers = {"Content-Type": "application/json", "X-Request-ID": request["request_id"]}
+        async with app[UPSTREAM].post(snap.base_url + path, data=body, headers=headers) as upstream:
+            if stream and upstream.status == 200:
+                response, ok, prompt_tokens, completion_tokens = await _relay_stream(
+                    request, upstream, started, path, client_wants_usage)
+                return response
+            payload = await upstream.read()
+            metrics.UPSTREAM_TTFT.labels(path).observe(time.perf_counter() - started)
+            if upstream.status >= 500:
+                log.warning("upstream_5xx", status=upstream.status, body=payload[:500].decode(errors="replace"))
+                raise ApiError(502, f"The runtime answered {upstream.status}: "
+                               f"{_upstream_message(payload)}", type="server_error", code="upstream_error")
+            if upstream.status == 200:
+                ok = True
+                try:
+                    prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
+                except orjson.JSONDecodeError:
+                    pass
+            return web.Response(status=upstream.status, body=payload,
+                                content_type=upstream.content_type or "application/json",
+                                headers={"X-Request-ID": request["request_id"]})
+    except TimeoutError:
+        raise _upstream_error("timeout") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _upstream_error("connection", exc) from None
+    finally:
+        activity.end()
+        accountant.record(UsageEvent(key_id, ok, prompt_tokens, completion_tokens))
+
+
+def _upstream_message(payload: bytes) -> str:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload[:200].decode(errors="replace") or "no body"
+    err = obj.get("error", obj) if isinstance(obj, dict) else obj
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return str(err["message"])[:500]
+    return str(err)[:200]
+
+
+async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, started: float, path: str,
+                        client_wants_usage: bool) -> tuple[web.StreamResponse, bool, int, int]:
+    """Relay SSE events as they come; pick the usage chunk out (and drop it if the client did not ask).
+
+    Returns the (already sent) response, whether the stream completed, and the token counts.
+    """
+    response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-ID": request["request_id"]})
+    await response.prepare(request)
+    prompt_tokens = completion_tokens = 0
+    buffer = b""
+    first = True
+    done = False
+    try:
+        async for chunk in upstream.content.iter_any():
+            if first:
+                metrics.UPSTREAM_TTFT.labels(path).observe(time.perf_counter() - started)
+                first = False
+            if buffer:
+                chunk, buffer = buffer + chunk, b""
+            if not chunk.endswith(b"\n\n"):
+                cut = chunk.rfind(b"\n\n")
+                if cut < 0:
+                    buffer = chunk
+                    continue
+                chunk, buffer = chunk[: cut + 2], chunk[cut + 2:]
+            # Fast path: whole events with neither usage nor [DONE] are relayed as they came.
+            if b"data: [DONE]" in chunk or any(m in chunk for m in _USAGE_MARKERS):
+                out: list[bytes] = []
+                for event in chunk.split(b"\n\n"):
+                    if not event:
+                        continue
+                    if event.startswith(b"data: [DONE]"):
+                        done = True
+                    elif any(m in event for m in _USAGE_MARKERS) and event.startswith(b"data: "):
+                        obj = orjson.loads(event[6:])
+                        prompt_tokens, completion_tokens = _usage_of(obj)
+                        if not client_wants_usage and not obj.get("choices"):
+                            continue
+                    out.append(event + b"\n\n")
+                chunk = b"".join(out)
+                if not chunk:
+                    continue
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:
+                # The client went away; leaving the upstream context closes that connection, which
+                # makes the runtime abort the generation.
+                return response, False, prompt_tokens, completion_tokens
+    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
+        kind = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+        metrics.UPSTREAM_ERRORS.labels(kind).inc()
+        log.warning("upstream_stream_failed", error=repr(exc))
+        message = ("The runtime stopped answering in the middle of the stream." if kind == "timeout"
+                   else "The runtime broke off the stream (it may have crashed); the answer is incomplete.")
+        try:
+            await response.write(b"data: " + error_body(message, type="server_error", code=f"upstream_{kind}")
+                                 + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response, False, prompt_tokens, completion_tokens
+    if not done:
+        # The runtime closed the stream cleanly but without [DONE]: tell the client it is incomplete.
+        metrics.UPSTREAM_ERRORS.labels("stream_truncated").inc()
+        try:
+            await response.write(b"data: " + error_body("The runtime ended the stream early; the answer is "
+                                                        "incomplete.", type="server_error",
+                                                        code="upstream_stream_broken") + b"\n\ndata: [DONE]\n\n")
+        except ConnectionResetError:
+            return response, False, prompt_tokens, completion_tokens
+    await response.write_eof()
+    return response, done, prompt_tokens, completion_tokens
+
+
+@requires_scope(Scope.REALTIME)
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions."""
+    return await _proxy(request, "/v1/completions", chat=False)
+
+
+@requires_scope(Scope.REALTIME)
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
+    return await _proxy(request, "/v1/chat/completions", chat=True)
+
+
+@requires_scope(Scope.REALTIME)
+async def models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models: the runtime's list, plus the configured aliases of the realtime model."""
+    app = request.app
+    settings = app[SETTINGS]
+    snap = app[SUPERVISOR].snapshot
+    if not snap.ready or snap.model != settings.realtime_model:
+        if snap.state is RuntimeState.STOPPED:
+            app[SUPERVISOR].request_start()
+        wait = snap.retry_after()
+        raise ApiError(503, f"The runtime for '{settings.realtime_model}' is {snap.state.value}; retry in "
+                       f"{wait} s.", type="server_error", code=f"runtime_{snap.state.value}",
+                       headers={"Retry-After": str(wait)})
+    try:
+        async with app[UPSTREAM].get(snap.base_url + "/v1/models") as upstream:
+            payload = await upstream.read()
+            if upstream.status != 200:
+                raise ApiError(502, f"The runtime answered {upstream.status} to /v1/models: "
+                               f"{_upstream_message(payload)}", type="server_error", code="upstream_error")
+    except TimeoutError:
+        raise _upstream_error("timeout") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _upstream_error("connection", exc) from None
+    listing = orjson.loads(payload)
+    entries = listing.get("data") or []
+    base = next((m for m in entries if m.get("id") == settings.realtime_model), None)
+    for alias in sorted(settings.aliases):
+        if not any(m.get("id") == alias for m in entries):
+            entries.append({**(base or {"object": "model", "owned_by": "llm-gateway"}), "id": alias,
+                            "root": settings.realtime_model})
+    listing["data"] = entries
+    return web.Response(body=orjson.dumps(listing), content_type="application/json")
+
+
+def setup(app: web.Application) -> None:
+    """Add the realtime routes."""
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)

@@ -1,0 +1,93 @@
+"""Liveness, readiness, Prometheus metrics and the monitor JSON of the core (runtime, key usage)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway import metrics
+from gateway.actors.usage import read_key_usage
+from gateway.http.appkeys import ACCOUNTANT, REDIS, REDIS_KEYS, SETTINGS, SUPERVISOR
+from gateway.http.auth import Scope, public, requires_scope
+from gateway.http.errors import ApiError, bad_request, json_response
+
+_DAY = re.compile(r"^\d{8}$")
+
+
+@public
+async def health(request: web.Request) -> web.Response:
+    """GET /health: the process is alive (no auth, no dependencies)."""
+    return json_response({"status": "ok"})
+
+
+async def redis_up(request: web.Request) -> bool:
+    """True when Redis answers a PING within a second."""
+    try:
+        return bool(await asyncio.wait_for(request.app[REDIS].ping(), 1.0))
+    except (RedisError, OSError, TimeoutError):
+        return False
+
+
+@public
+async def ready(request: web.Request) -> web.Response:
+    """GET /ready: 200 when the realtime runtime is ready and Redis answers, else 503 saying which."""
+    snap = request.app[SUPERVISOR].snapshot
+    settings = request.app[SETTINGS]
+    runtime_ok = snap.ready and snap.model == settings.realtime_model
+    redis_ok = await redis_up(request)
+    body = {"status": "ready" if runtime_ok and redis_ok else "not_ready",
+            "runtime": {"state": snap.state.value, "model": snap.model, "ready": runtime_ok},
+            "redis": "up" if redis_ok else "down"}
+    headers = None if runtime_ok and redis_ok else {"Retry-After": str(snap.retry_after())}
+    return json_response(body, status=200 if runtime_ok and redis_ok else 503, headers=headers)
+
+
+@requires_scope(Scope.MONITOR)
+async def prometheus(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition."""
+    metrics.USAGE_BUFFERED.set(request.app[ACCOUNTANT].buffered)
+    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+@requires_scope(Scope.MONITOR)
+async def key_usage(request: web.Request) -> web.Response:
+    """GET /monitor/key_usage?limit=50&bucket=YYYYMMDD: per-key usage, busiest first."""
+    raw_limit = request.query.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        raise bad_request("'limit' must be a whole number from 1 to 1000.", param="limit")
+    bucket = request.query.get("bucket") or None
+    if bucket is not None and not _DAY.match(bucket):
+        raise bad_request("'bucket' must be a UTC day as YYYYMMDD, e.g. 20261127.", param="bucket")
+    try:
+        rows = await read_key_usage(request.app[REDIS], request.app[REDIS_KEYS], limit=int(raw_limit),
+                                    bucket=bucket)
+    except (RedisError, OSError) as exc:
+        raise ApiError(503, f"Redis is unreachable, so usage cannot be read now ({exc.__class__.__name__}); "
+                       "usage events are buffered and will be written when it is back.",
+                       type="server_error", code="redis_unavailable", headers={"Retry-After": "5"}) from None
+    return json_response({"object": "list", "bucket": bucket, "data": rows,
+                          "buffered_events": request.app[ACCOUNTANT].buffered})
+
+
+@requires_scope(Scope.MONITOR)
+async def runtime_status(request: web.Request) -> web.Response:
+    """GET /monitor/runtime: the supervisor's snapshot."""
+    snap = request.app[SUPERVISOR].snapshot
+    return json_response({"state": snap.state.value, "model": snap.model, "since": snap.since,
+                          "uptime_seconds": round(time.time() - snap.since, 3), "last_error": snap.last_error,
+                          "restarts": snap.restarts, "ready_eta": snap.ready_eta,
+                          "last_crash_log": snap.last_crash_log,
+                          "realtime_model": request.app[SETTINGS].realtime_model})
+
+
+def setup(app: web.Application) -> None:
+    """Add the system and core monitor routes."""
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/monitor/key_usage", key_usage)
+    app.router.add_get("/monitor/runtime", runtime_status)

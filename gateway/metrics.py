@@ -1,0 +1,99 @@
+"""Every Prometheus metric object of the gateway, in one registry.
+
+Label sets stay bounded: routes are route templates, key ids come from the keys file, states and
+reasons are enums.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import generate_latest as _generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# --- HTTP front
+HTTP_REQUESTS = Counter("llm_gateway_http_requests_total", "HTTP requests handled, by route template, "
+                        "method and status", ["route", "method", "status"], registry=REGISTRY)
+HTTP_LATENCY = Histogram("llm_gateway_http_request_duration_seconds", "Time to the full HTTP response "
+                         "(streams: until the last byte)", ["route"], buckets=_LATENCY_BUCKETS,
+                         registry=REGISTRY)
+HTTP_IN_FLIGHT = Gauge("llm_gateway_http_requests_in_flight", "HTTP requests being handled",
+                       registry=REGISTRY)
+
+# --- realtime proxy
+UPSTREAM_TTFT = Histogram("llm_gateway_upstream_time_to_first_token_seconds", "Time from forwarding a "
+                          "request to the runtime to its first response byte (streams: first chunk)",
+                          ["endpoint"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+UPSTREAM_ERRORS = Counter("llm_gateway_upstream_errors_total", "Realtime requests that failed at the "
+                          "runtime boundary, by reason", ["reason"], registry=REGISTRY)
+TOKENS = Counter("llm_gateway_tokens_total", "Tokens reported by the runtime, by key id and kind "
+                 "(prompt or completion)", ["key_id", "kind"], registry=REGISTRY)
+
+# --- runtime supervisor
+RUNTIME_STATE = Gauge("llm_gateway_runtime_state", "1 for the runtime's current state, 0 for the others",
+                      ["state"], registry=REGISTRY)
+RUNTIME_RESTARTS = Counter("llm_gateway_runtime_restarts_total", "Runtime restarts after a crash or "
+                           "failed start", registry=REGISTRY)
+RUNTIME_CRASHES = Counter("llm_gateway_runtime_crashes_total", "Runtime exits the gateway did not ask "
+                          "for, by reason (exit, oom, unhealthy, start_failed)", ["reason"],
+                          registry=REGISTRY)
+RUNTIME_START_SECONDS = Histogram("llm_gateway_runtime_start_duration_seconds", "Time from starting the "
+                                  "runtime to ready", buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1200),
+                                  registry=REGISTRY)
+RUNTIME_SWAPS = Counter("llm_gateway_runtime_swaps_total", "Times the runtime was replaced to serve "
+                        "another model", registry=REGISTRY)
+
+# --- usage accounting
+USAGE_EVENTS_DROPPED = Counter("llm_gateway_usage_events_dropped_total", "Usage events dropped because "
+                               "the buffer was full while Redis was unreachable", registry=REGISTRY)
+USAGE_BUFFERED = Gauge("llm_gateway_usage_events_buffered", "Usage events waiting to be written to Redis",
+                       registry=REGISTRY)
+USAGE_FLUSH_FAILURES = Counter("llm_gateway_usage_flush_failures_total", "Failed attempts to write usage "
+                               "to Redis (retried)", registry=REGISTRY)
+
+# --- actors
+ACTOR_RESTARTS = Counter("llm_gateway_actor_restarts_total", "Actor run loops restarted after a crash",
+                         ["actor"], registry=REGISTRY)
+
+# --- batch queue and dispatcher
+BATCH_JOBS = Counter("llm_gateway_batch_jobs_total", "Batch job state changes, by event (enqueued, "
+                     "started, retried, requeued, completed, failed, cancelled)", ["event"],
+                     registry=REGISTRY)
+BATCH_IN_FLIGHT = Gauge("llm_gateway_batch_requests_in_flight", "Batch requests this gateway has sent to "
+                        "the runtime and not yet finished", registry=REGISTRY)
+BATCH_SLOTS = Gauge("llm_gateway_batch_slots", "MAX_CONCURRENT_BATCH of this gateway", registry=REGISTRY)
+BATCH_SLOT_BUSY_SECONDS = Counter("llm_gateway_batch_slot_busy_seconds_total", "Integral of batch slots in "
+                                  "use over time (rate / slots = slot utilisation)", registry=REGISTRY)
+BATCH_QUEUED = Gauge("llm_gateway_batch_jobs_queued", "Jobs waiting in the shared queue (all models)",
+                     registry=REGISTRY)
+BATCH_QUEUE_WAIT = Histogram("llm_gateway_batch_queue_wait_seconds", "Time from enqueue to the first "
+                             "attempt", buckets=_LATENCY_BUCKETS + (600, 1800, 3600), registry=REGISTRY)
+BATCH_ATTEMPT_SECONDS = Histogram("llm_gateway_batch_attempt_duration_seconds", "Duration of one attempt "
+                                  "at the runtime, by outcome (ok, transient, permanent, cancelled)",
+                                  ["outcome"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+BATCH_SWAPS = Counter("llm_gateway_batch_swaps_total", "Model swaps the dispatcher asked for, by reason "
+                      "(batch_group, group_done, realtime_wanted, max_residency, load_failed)",
+                      ["reason"], registry=REGISTRY)
+BATCH_SWAP_SECONDS = Histogram("llm_gateway_batch_swap_duration_seconds", "Time from asking for a swap to "
+                               "the runtime being ready with the new model, by reason", ["reason"],
+                               buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200),
+                               registry=REGISTRY)
+
+# --- resumable uploads (TUS)
+UPLOAD_BYTES_RECEIVED = Counter("llm_gateway_upload_bytes_received_total", "Upload bytes written to disk "
+                                "and acknowledged (discarded chunks are not counted)", registry=REGISTRY)
+UPLOADS_CREATED = Counter("llm_gateway_uploads_created_total", "TUS uploads created", registry=REGISTRY)
+UPLOADS_COMPLETED = Counter("llm_gateway_uploads_completed_total", "TUS uploads that received their last "
+                            "byte", registry=REGISTRY)
+UPLOADS_EXPIRED = Counter("llm_gateway_uploads_expired_total", "Unfinished TUS uploads removed by the "
+                          "sweeper after they expired", registry=REGISTRY)
+UPLOAD_STORED_BYTES = Gauge("llm_gateway_upload_stored_bytes", "Bytes held by uploads on disk (declared "
+                            "length, or bytes received while the length is deferred)", registry=REGISTRY)
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every metric."""
+    return _generate_latest(REGISTRY)

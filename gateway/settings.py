@@ -1,0 +1,267 @@
+"""All configuration, read once from the environment (and `.env`) and validated at start-up."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeBackend(StrEnum):
+    """Where the runtime runs: a Docker container, a local subprocess, or somewhere we only probe."""
+
+    DOCKER = "docker"
+    PROCESS = "process"
+    EXTERNAL = "external"
+
+
+class RuntimeType(StrEnum):
+    """The runtime flavour: decides command line, health and metrics endpoints."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+
+
+class Settings(BaseSettings):
+    """Every setting of the gateway. Environment variable names are the field names in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False)
+
+    # --- listening
+    listen_host: str = "0.0.0.0"
+    listen_port: int = Field(8000, ge=0, le=65535)
+
+    # --- Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("", description="Prefix for every Redis key (tests use one of their own)")
+
+    # --- runtime
+    runtime_backend: RuntimeBackend = RuntimeBackend.PROCESS
+    runtime_type: RuntimeType = RuntimeType.VLLM
+    runtime_image: str = ""
+    runtime_args: str = ""
+    runtime_command: str = ""
+    runtime_url: str = ""
+    runtime_container_name: str = "llm_runtime"
+    runtime_network: str = ""
+    runtime_port: int = Field(0, ge=0, le=65535)
+    runtime_gpus: str = "auto"
+    runtime_start_timeout: float = Field(900.0, gt=0)
+    runtime_stop_timeout: float = Field(20.0, gt=0)
+    runtime_failure_dir: str = ""
+    runtime_restart_backoff_max: float = Field(60.0, gt=0)
+    runtime_expected_start_seconds: float = Field(60.0, gt=0)
+    host_hf_cache: str = ""
+    # RuntimeSupervisor / backends (see gateway/backends/): extra environment for the runtime as shell
+    # words KEY=VALUE (e.g. HF_TOKEN=..., VLLM_SERVER_DEV_MODE=1); never logged.
+    runtime_env: str = ""
+    runtime_pid_file: str = Field("", description="Process backend: where the runtime's pid is kept so a "
+                                  "restarted gateway can replace a leftover; default var/runtime[-<prefix>].pid")
+    runtime_shm_size: str = Field("8g", description="Docker backend: /dev/shm size (PyTorch workers share "
+                                  "tensors through it); ignored when RUNTIME_IPC_HOST is true")
+    runtime_ipc_host: bool = False
+    runtime_docker_healthcheck: bool = True
+
+    # --- models
+    realtime_model: str = "synquid/gemma-3-27b-it-FP8"
+    model_aliases: str = ""
+
+    # --- proxy
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_read_timeout: float = Field(600.0, gt=0)
+    upstream_max_connections: int = Field(1024, gt=0)
+
+    # --- batch
+    max_concurrent_batch: int = Field(8, ge=1, le=4096)
+    batch_dispatcher_enabled: bool = True
+    # Batch queue (issue 3; see docs/batch.md for the rules these tune).
+    batch_job_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
+    batch_max_attempts: int = Field(3, ge=1, le=100)
+    batch_lease_seconds: float = Field(30.0, ge=0.1)
+    batch_aging_seconds: float = Field(60.0, ge=0)
+    batch_request_timeout: float = Field(600.0, gt=0)
+    batch_retry_backoff_seconds: float = Field(1.0, ge=0)
+    batch_retry_backoff_max: float = Field(30.0, ge=0)
+    batch_poll_interval: float = Field(1.0, gt=0)
+    batch_max_metadata_items: int = Field(16, ge=0)
+    job_stream_maxlen: int = Field(1_000_000, ge=0)
+    job_stream_max_age_seconds: int = Field(0, ge=0)
+    swap_realtime_idle_seconds: float = Field(60.0, ge=0)
+    swap_grace_seconds: float = Field(10.0, ge=0)
+    batch_max_residency_seconds: float = Field(1800.0, gt=0)
+    realtime_min_residency_seconds: float = Field(300.0, ge=0)
+    runtime_sleep_mode: bool = False
+
+    # --- auth and accounting
+    auth_keys_file: str = "config/auth.keys.json"
+    internal_eval_key_id: str = "__internal_eval__"
+    usage_buffer_max: int = Field(100_000, gt=0)
+    usage_flush_interval: float = Field(0.25, gt=0)
+    usage_daily_ttl_days: int = Field(90, gt=0)
+
+    # --- evaluations
+    euroeval_debug_log: str = "./euroeval_debug.log"
+
+    # --- resumable uploads (TUS)
+    upload_dir: str = Field("./var/uploads", min_length=1)
+    upload_max_size: int = Field(1024 ** 3, gt=0, description="Largest upload in bytes (Tus-Max-Size)")
+    upload_key_quota_bytes: int = Field(10 * 1024 ** 3, gt=0, description="Bytes one key may keep stored")
+    upload_expiry_seconds: float = Field(24 * 3600.0, gt=0, description="Unfinished uploads expire after "
+                                         "this long without a PATCH")
+    upload_sweep_interval: float = Field(300.0, gt=0)
+
+    # --- logging
+    log_level: str = "info"
+    log_format: str = "auto"
+    shutdown_timeout: float = Field(30.0, gt=0)
+
+    @field_validator("runtime_args", "runtime_command")
+    @classmethod
+    def _shell_words(cls, value: str) -> str:
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"not a valid shell word list: {exc}") from exc
+        return value
+
+    @field_validator("runtime_env")
+    @classmethod
+    def _env_words(cls, value: str) -> str:
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"not a valid shell word list: {exc}") from exc
+        bad = [w.split("=", 1)[0] for w in words if "=" not in w or not w.split("=", 1)[0]]
+        if bad:
+            raise ValueError(f"use KEY=VALUE words (bad: {', '.join(bad)})")
+        return value
+
+    @field_validator("runtime_shm_size")
+    @classmethod
+    def _shm_size(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"\d+[kmg]?b?", value):
+            raise ValueError("use a size such as 8g, 512m or a byte count")
+        return value
+
+    @field_validator("runtime_gpus")
+    @classmethod
+    def _gpus(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in {"auto", "all", "none"}:
+            return value
+        parts = [p.strip() for p in value.split(",")]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ValueError("use auto, all, none or a comma list of GPU indices such as 0,1")
+        return ",".join(parts)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"debug", "info", "warning", "error"}:
+            raise ValueError("use debug, info, warning or error")
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"auto", "json", "console"}:
+            raise ValueError("use auto, json or console")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("realtime_model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name the model to keep hot")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> "Settings":
+        if self.runtime_backend is RuntimeBackend.EXTERNAL and not self.runtime_url:
+            raise ValueError("RUNTIME_URL is required when RUNTIME_BACKEND=external")
+        if self.runtime_backend is RuntimeBackend.DOCKER and not self.runtime_image:
+            raise ValueError("RUNTIME_IMAGE is required when RUNTIME_BACKEND=docker")
+        return self
+
+    # --- derived values
+    @property
+    def runtime_args_list(self) -> list[str]:
+        """RUNTIME_ARGS split like a shell would."""
+        return shlex.split(self.runtime_args)
+
+    @property
+    def runtime_command_list(self) -> list[str]:
+        """The program the process backend runs; the simulator when unset."""
+        if self.runtime_command:
+            return shlex.split(self.runtime_command)
+        return [sys.executable, "-m", "gateway.simulator"]
+
+    @property
+    def aliases(self) -> frozenset[str]:
+        """Other names clients may use for the realtime model."""
+        return frozenset(a.strip() for a in self.model_aliases.split(",") if a.strip())
+
+    @property
+    def runtime_env_dict(self) -> dict[str, str]:
+        """RUNTIME_ENV as a mapping."""
+        return dict(w.split("=", 1) for w in shlex.split(self.runtime_env))
+
+    @property
+    def runtime_shm_bytes(self) -> int:
+        """RUNTIME_SHM_SIZE in bytes."""
+        value = self.runtime_shm_size.rstrip("b")
+        scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(value[-1:], 1)
+        return int(value.rstrip("kmg")) * scale
+
+    @property
+    def runtime_pid_path(self) -> Path:
+        """Pid file of the process backend; one per gateway instance (Redis prefix) by default."""
+        if self.runtime_pid_file:
+            return Path(self.runtime_pid_file)
+        suffix = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.redis_prefix).strip("_.")
+        return Path("var") / (f"runtime-{suffix}.pid" if suffix else "runtime.pid")
+
+    @property
+    def failure_dir(self) -> Path:
+        """Where crash logs of the runtime go."""
+        if self.runtime_failure_dir:
+            return Path(self.runtime_failure_dir)
+        if Path("/host_hf_cache").is_dir():
+            return Path("/host_hf_cache/runtime_failures")
+        return Path("var/runtime_failures")
+
+
+class SettingsError(Exception):
+    """Raised with one human-readable line per invalid variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, turning validation errors into one clear message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and loc != "settings" else ""
+            lines.append(f"invalid setting {loc}{shown}: {msg}")
+        raise SettingsError("; ".join(lines)) from None
