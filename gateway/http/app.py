@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from gateway.activity import RealtimeActivity
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.usage import UsageAccountant
-from gateway.http import middleware, realtime, system
+from gateway.http import middleware, realtime, system, uploads
 from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, KEYRING, REDIS, REDIS_KEYS, SETTINGS, SUPERVISOR,
                                   UPSTREAM)
 from gateway.http.auth import Keyring
@@ -102,4 +102,5 @@ def create_app(settings: Settings) -> web.Application:
     system.setup(app)
     realtime.setup(app)
     # Feature route families (each adds its routes and its own cleanup contexts):
+    uploads.setup(app)
     return app

@@ -1,0 +1,107 @@
+"""Errors of the upload store and the TUS protocol, each carrying the HTTP status TUS prescribes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class UploadError(Exception):
+    """An upload request that cannot be served; `status` and `code` say how to answer it."""
+
+    status = 400
+    code = "invalid_upload_request"
+    reason: str | None = None  # HTTP reason phrase, for statuses aiohttp does not know (460)
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+
+class InvalidUploadRequest(UploadError):
+    """400: a malformed or contradictory TUS header."""
+
+
+class UploadNotFound(UploadError):
+    """404: no such upload for this key (unknown id, another key's upload, or terminated)."""
+
+    status = 404
+    code = "upload_not_found"
+
+
+class UploadGone(UploadError):
+    """410: the upload expired before it was finished."""
+
+    status = 410
+    code = "upload_expired"
+
+
+class OffsetMismatch(UploadError):
+    """409: the Upload-Offset sent is not the upload's current offset."""
+
+    status = 409
+    code = "upload_offset_mismatch"
+
+
+class UploadLocked(UploadError):
+    """423: another request is writing to this upload right now."""
+
+    status = 423
+    code = "upload_locked"
+
+
+class UploadTooLarge(UploadError):
+    """413: the upload would exceed its Upload-Length or the server's maximum size."""
+
+    status = 413
+    code = "upload_too_large"
+
+
+class QuotaExceeded(UploadError):
+    """413: the key would hold more stored upload bytes than UPLOAD_KEY_QUOTA_BYTES allows."""
+
+    status = 413
+    code = "upload_quota_exceeded"
+
+
+class UnsupportedVersion(UploadError):
+    """412: the client speaks a TUS version we do not."""
+
+    status = 412
+    code = "unsupported_tus_version"
+
+
+class UnsupportedMediaType(UploadError):
+    """415: upload bytes must come as application/offset+octet-stream."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ChecksumMismatch(UploadError):
+    """460: the chunk does not match its Upload-Checksum; it was discarded."""
+
+    status = 460
+    code = "checksum_mismatch"
+    reason = "Checksum Mismatch"
+
+
+class UploadNotFinished(UploadError):
+    """409: the upload is still receiving bytes, so it cannot be read as a file yet."""
+
+    status = 409
+    code = "upload_not_finished"
+
+
+class MethodNotAllowed(UploadError):
+    """405: the (possibly overridden) method is not one TUS defines for this URL."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class BodyInterrupted(Exception):
+    """Raised by a chunk source when the client's body ended early (connection lost, bad framing)."""
