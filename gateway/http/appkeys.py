@@ -9,7 +9,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.activity import RealtimeActivity
-from gateway.http.auth import Keyring
+from gateway.http.auth import ApiKey, Keyring
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -32,3 +32,7 @@ UPLOADS: web.AppKey["UploadStore"] = web.AppKey("uploads")
 UPLOAD_SWEEPER: web.AppKey["UploadSweeper"] = web.AppKey("upload_sweeper")
 BATCH_QUEUE: web.AppKey["JobQueue"] = web.AppKey("batch_queue")
 DISPATCHER: web.AppKey["BatchDispatcher"] = web.AppKey("dispatcher")
+
+# Per-request storage set by the middleware.
+REQUEST_ID = web.RequestKey("request_id", str)
+API_KEY = web.RequestKey("api_key", ApiKey)

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
-from gateway.http.appkeys import KEYRING, SETTINGS
+from gateway.http.appkeys import API_KEY, KEYRING, REQUEST_ID, SETTINGS
 from gateway.http.auth import Scope
 from gateway.http.errors import ApiError, error_response
 
@@ -41,7 +41,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     """Bind a request id, time the request, and turn every error into an OpenAI-shaped response."""
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
@@ -106,6 +106,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         have = ", ".join(sorted(s.value for s in key.scopes))
         raise _unauthorized(f"{need}; key '{key.id}' has only: {have}.", "missing_scope", scope,
                             bad_token=False)
-    request["api_key"] = key
+    request[API_KEY] = key
     structlog.contextvars.bind_contextvars(key_id=key.id)
     return await handler(request)

@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway import metrics
 from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState
 from gateway.actors.usage import UsageEvent
-from gateway.http.appkeys import ACCOUNTANT, ACTIVITY, SETTINGS, SUPERVISOR, UPSTREAM
+from gateway.http.appkeys import ACCOUNTANT, ACTIVITY, API_KEY, REQUEST_ID, SETTINGS, SUPERVISOR, UPSTREAM
 from gateway.http.auth import Scope, requires_scope
 from gateway.http.errors import ApiError, bad_request, error_body, parse_json_object
 from gateway.settings import Settings
@@ -131,14 +131,14 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
     if not snap.ready or snap.model != settings.realtime_model:
         raise unavailable(request, snap)
 
-    key_id = request["api_key"].id
+    key_id = request[API_KEY].id
     activity = app[ACTIVITY]
     accountant = app[ACCOUNTANT]
     activity.begin()
     ok, prompt_tokens, completion_tokens = False, 0, 0
     try:
         started = time.perf_counter()
-        headers = {"Content-Type": "application/json", "X-Request-ID": request["request_id"]}
+        headers = {"Content-Type": "application/json", "X-Request-ID": request[REQUEST_ID]}
         async with app[UPSTREAM].post(snap.base_url + path, data=body, headers=headers) as upstream:
             if stream and upstream.status == 200:
                 response, ok, prompt_tokens, completion_tokens = await _relay_stream(
@@ -158,7 +158,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                     pass
             return web.Response(status=upstream.status, body=payload,
                                 content_type=upstream.content_type or "application/json",
-                                headers={"X-Request-ID": request["request_id"]})
+                                headers={"X-Request-ID": request[REQUEST_ID]})
     except TimeoutError:
         raise _upstream_error("timeout") from None
     except (aiohttp.ClientError, OSError) as exc:
@@ -185,7 +185,7 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, 
 
     Returns the (already sent) response, whether the stream completed, and the token counts.
     """
-    response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-ID": request["request_id"]})
+    response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-ID": request[REQUEST_ID]})
     await response.prepare(request)
     prompt_tokens = completion_tokens = 0
     buffer = b""

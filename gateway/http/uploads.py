@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.http.appkeys import SETTINGS, UPLOAD_SWEEPER, UPLOADS
+from gateway.http.appkeys import API_KEY, SETTINGS, UPLOADS, UPLOAD_SWEEPER
 from gateway.http.auth import ApiKey, Scope, public, requires_scope
 from gateway.http.errors import error_body
 from gateway.uploads import BodyInterrupted, UploadError, UploadStore, UploadSweeper
@@ -158,7 +158,7 @@ async def _patch(request: web.Request, store: UploadStore, info: UploadInfo) -> 
 
 # --- helpers
 def _key(request: web.Request) -> ApiKey:
-    key: ApiKey = request["api_key"]
+    key: ApiKey = request[API_KEY]
     return key
 
 
