@@ -4,9 +4,9 @@ It answers what the gateway asks a real runtime (``/health``, ``/v1/models``, ``
 ``/v1/chat/completions`` with SSE and ``include_usage``, vLLM-named ``/metrics``, ``/sleep``,
 ``/wake_up``, ``/is_sleeping``) with deterministic text, configurable latency and injected faults.
 
-This file is copied alone into a Docker image whose Python has only the standard library and Debian
-bookworm's aiohttp 3.8, so it imports nothing else (orjson is used when present) and uses only aiohttp
-APIs common to 3.8 and current releases.
+This file is copied alone into a Docker image whose Python has only the standard library and
+Debian bookworm's aiohttp 3.8, so it imports nothing else (orjson is used when present) and uses
+only aiohttp APIs common to 3.8 and current releases.
 
 Run: ``python -m gateway.simulator --model NAME [--served-model-name NAME ...] [--port 8000]``.
 Unknown options and positional words (real vLLM/SGLang arguments) are ignored with one log line.
@@ -840,7 +840,7 @@ class Simulator:
                     response = await self._stream(request, req, choices, prompt_of, arrived,
                                                   crash, number)
                 else:
-                    response = await self._complete(req, choices, prompt_of, arrived)
+                    response = await self._complete(req, choices, arrived)
             except (asyncio.CancelledError, ConnectionResetError):
                 # The client went away (aiohttp 3.8 cancels the handler; later versions fail
                 # the write): vLLM aborts the request.
@@ -927,7 +927,7 @@ class Simulator:
             })
         return {"content": content}
 
-    async def _complete(self, req: GenRequest, choices: list[Choice], prompt_of: list[int],
+    async def _complete(self, req: GenRequest, choices: list[Choice],
                         arrived: float) -> web.Response:
         config = self.config
         longest = max((len(c.pieces) for c in choices), default=0)
@@ -939,6 +939,7 @@ class Simulator:
         completion_tokens = sum(len(c.pieces) for c in choices)
         usage = self._usage(sum(req.prompt_tokens), completion_tokens)
         created = int(time.time())
+        top_k = req.logprobs or 0
         if req.chat:
             out_choices = []
             for c in choices:
@@ -946,7 +947,8 @@ class Simulator:
                     "index": c.index,
                     "message": {"role": "assistant", "reasoning_content": None,
                                 "content": c.text, "tool_calls": []},
-                    "logprobs": self._chat_logprobs(c, req.logprobs or 0) if c.logprobs is not None else None,
+                    "logprobs": (self._chat_logprobs(c, top_k)
+                                 if c.logprobs is not None else None),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                 })
             body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
@@ -1010,6 +1012,7 @@ class Simulator:
                                    "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}], usage))
         first = True
+        top_k = req.logprobs or 0
         generated = [0] * len(choices)
         for position in range(longest):
             if not first and config.itl:
@@ -1025,7 +1028,7 @@ class Simulator:
                 if chat:
                     out: dict[str, Any] = {
                         "index": c.index, "delta": {"content": piece},
-                        "logprobs": (self._chat_logprobs(c, req.logprobs or 0, position, position + 1)
+                        "logprobs": (self._chat_logprobs(c, top_k, position, position + 1)
                                      if c.logprobs is not None else None),
                         "finish_reason": c.finish_reason if last else None,
                     }

@@ -484,7 +484,7 @@ async def test_sleep_and_wake(launch: Any, http: aiohttp.ClientSession) -> None:
     try:
         # Asleep, the request waits: it cannot finish before the wake-up below.
         waiting = 0.0
-        for _ in range(100):
+        for _ in range(500):
             async with http.get(sim.url + "/metrics") as response:
                 metrics = await response.text()
             families = {f.name: f for f in text_string_to_metric_families(metrics)}
@@ -555,7 +555,7 @@ async def test_exit_at_start(launch: Any) -> None:
 
 
 async def test_start_delay(launch: Any) -> None:
-    sim = launch("--sim-start-delay", "2", wait=False)
+    sim = launch("--sim-start-delay", "3", wait=False)
     deadline = time.monotonic() + 15
     while "loading weights" not in sim.output():
         assert time.monotonic() < deadline and sim.proc.poll() is None, sim.output()
