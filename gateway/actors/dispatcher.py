@@ -1,0 +1,712 @@
+"""BatchDispatcher: feeds queued batch jobs to the runtime, keeps the slots full, and decides model swaps.
+
+Rules (docs/batch.md): jobs for REALTIME_MODEL run beside realtime traffic; jobs for another model wait
+until realtime has been idle for SWAP_REALTIME_IDLE_SECONDS (and the realtime model has been back for
+REALTIME_MIN_RESIDENCY_SECONDS), then run as one group on that model until the group is empty,
+BATCH_MAX_RESIDENCY_SECONDS pass, or a realtime request asks for its model back (grace period, then the
+in-flight requests are cancelled and requeued without counting an attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from redis.exceptions import RedisError
+
+from gateway import metrics
+from gateway.activity import RealtimeActivity
+from gateway.actors.base import Actor
+from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupervisor
+from gateway.actors.usage import UsageEvent
+from gateway.batch.jobs import JobStatus
+from gateway.batch.queue import HeldJob, JobQueue, instance_id
+from gateway.settings import RuntimeBackend, Settings
+
+if TYPE_CHECKING:
+    from gateway.actors.usage import UsageAccountant
+
+# Runtime answers that are worth another attempt (the rest of 4xx fail at once).
+_TRANSIENT_4XX = frozenset({408, 429})
+
+
+class BatchRuntime(RuntimeSupervisor):
+    """The second runtime of sleep mode: serves a batch group while the realtime runtime sleeps."""
+
+    name = "batch_runtime"
+
+    @staticmethod
+    def _publish_state(state: RuntimeState) -> None:
+        # llm_gateway_runtime_state describes the realtime runtime; this one must not overwrite it.
+        return None
+
+
+@dataclass(slots=True)
+class _Running:
+    job: HeldJob
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    sending: bool = False  # holds a slot (False: claimed ahead, waiting for one)
+
+
+class BatchDispatcher(Actor):
+    """Pulls jobs from the shared Redis queue and runs at most MAX_CONCURRENT_BATCH of them at a time."""
+
+    name = "batch_dispatcher"
+
+    def __init__(self, settings: Settings, queue: JobQueue, supervisor: RuntimeSupervisor,
+                 activity: RealtimeActivity, upstream: aiohttp.ClientSession,
+                 accountant: UsageAccountant | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.queue = queue
+        self.supervisor = supervisor
+        self.activity = activity
+        self.upstream = upstream
+        self.accountant = accountant
+        self.owner = instance_id()
+        self.slots = settings.max_concurrent_batch
+        self.prefetch = self.slots
+        """Jobs claimed ahead of a free slot, so a finished request is replaced without a Redis round trip."""
+        self.inflight: dict[str, _Running] = {}
+        """Jobs this gateway holds: sending to the runtime (`active` of them) or waiting for a slot."""
+        self.active = 0
+        self._cancel_seen: set[str] = set()  # cancel messages that may have beaten their job's task
+        self._slot_sem = asyncio.Semaphore(self.slots)
+        self.group: str | None = None
+        self.swaps: list[dict[str, Any]] = []
+        self._group_started = 0.0
+        self._grace_deadline: float | None = None
+        self._draining_for: str | None = None
+        self._realtime_since = float("-inf")
+        self._next_swap_check = 0.0
+        self._load_failures: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._busy_seconds = 0.0
+        self._busy_mark = time.monotonic()
+        self._batch_runtime: RuntimeSupervisor | None = None
+        self.sleep_mode = (settings.runtime_sleep_mode and supervisor.flavour.supports_sleep
+                           and settings.runtime_backend is not RuntimeBackend.EXTERNAL)
+        """Swap by putting the realtime runtime to sleep and starting the batch model beside it."""
+        metrics.BATCH_SLOTS.set(self.slots)
+
+    # --- public
+    @property
+    def slot_busy_seconds(self) -> float:
+        """Integral of slots in use over time since start (benchmarks derive utilisation from it)."""
+        self._account()
+        return self._busy_seconds
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming, let in-flight jobs finish for part of `timeout`, requeue the rest."""
+        self.stopping = True
+        self._wake.set()
+        await super().stop(timeout)
+
+    async def on_stop(self) -> None:
+        """Stop a batch runtime started beside a sleeping realtime one (sleep mode)."""
+        if self._batch_runtime is not None:
+            runtime, self._batch_runtime = self._batch_runtime, None
+            await runtime.stop(timeout=self.settings.runtime_stop_timeout + 15)
+
+    # --- run loop
+    async def run(self) -> None:
+        """Schedule until stopped; a listener and a lease keeper run beside the scheduler."""
+        pubsub = self.queue.redis.pubsub()
+        await pubsub.subscribe(self.queue.keys.batch_notify, self.queue.keys.batch_cancel)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                listener = tg.create_task(self._listen(pubsub), name="batch:listen")
+                keeper = tg.create_task(self._keep_leases(), name="batch:leases")
+                try:
+                    await self._schedule_loop()
+                    await self._cancel_all("shutdown", waiting_only=True)
+                    await self._drain(self.settings.shutdown_timeout / 2)
+                finally:
+                    await self._cancel_all("shutdown")
+                    listener.cancel()
+                    keeper.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _schedule_loop(self) -> None:
+        while not self.stopping:
+            self._wake.clear()
+            try:
+                timeout = await self._schedule()
+            except asyncio.CancelledError:
+                raise
+            except RedisError as exc:
+                self.log.warning("batch_redis_error", error=str(exc))
+                timeout = 1.0
+            if self.stopping:
+                return
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _schedule(self) -> float:
+        """One scheduling step; returns how long to wait for a wake-up before the next one."""
+        if self.group is not None:
+            return await self._schedule_group(self.group)
+        realtime = self.settings.realtime_model
+        snap = self.supervisor.snapshot
+        if snap.state is RuntimeState.SLEEPING:
+            # Asleep without a group (e.g. this loop restarted mid-group): bring realtime back.
+            await self._swap_to_realtime("realtime_wanted", None)
+            return 0
+        if snap.ready and snap.model and snap.model != realtime:
+            # The runtime serves another model without a group (e.g. this loop restarted mid-group):
+            # adopt it as a group so its jobs drain and the realtime model comes back.
+            self._enter_group_state(snap.model)
+            return 0
+        if snap.ready and snap.model == realtime and self.activity.wanted.is_set():
+            self.activity.wanted.clear()
+        now = time.monotonic()
+        if self._draining_for is None and now >= self._next_swap_check:
+            self._next_swap_check = now + min(0.5, self.settings.batch_poll_interval)
+            self._draining_for = await self._pick_group()
+        if self._draining_for is not None:
+            if (self.activity.idle_for() < self.settings.swap_realtime_idle_seconds
+                    or self.activity.wanted.is_set()):
+                self.log.info("batch_swap_abandoned", model=self._draining_for, reason="realtime_active")
+                self._draining_for = None
+            elif self.inflight:
+                await self._cancel_all("preempted", waiting_only=True)
+                return 0.1  # let the realtime-model jobs finish before the runtime changes
+            else:
+                await self._enter_group(self._draining_for)
+                return 0
+        free = self._room()
+        if not snap.ready or snap.model != realtime:
+            return 0.25
+        if free > 0:
+            await self._claim(realtime, free)
+        return min(0.5, self.settings.batch_poll_interval)
+
+    async def _pick_group(self) -> str | None:
+        """The other model whose queued work is most urgent, when a swap is allowed now."""
+        if self.activity.wanted.is_set():
+            return None
+        if self.activity.idle_for() < self.settings.swap_realtime_idle_seconds:
+            return None
+        if time.monotonic() - self._realtime_since < self.settings.realtime_min_residency_seconds:
+            return None
+        heads = await self.queue.ready_heads()
+        realtime = self.settings.realtime_model
+        others = {m: s for m, s in heads.items() if m != realtime}
+        if not others:
+            return None
+        model, score = min(others.items(), key=lambda kv: kv[1])
+        # Aging decides between groups too: the realtime model's own queue goes first while its head
+        # job is more urgent than the other model's.
+        head = heads.get(realtime)
+        if head is not None and head <= score:
+            return None
+        return model
+
+    async def _schedule_group(self, model: str) -> float:
+        now = time.monotonic()
+        if self.activity.wanted.is_set() or self.stopping:
+            if self._grace_deadline is None:
+                self._grace_deadline = now + self.settings.swap_grace_seconds
+                self.log.info("batch_group_preempted", model=model, in_flight=self.active,
+                              grace=self.settings.swap_grace_seconds)
+                # Jobs claimed ahead have not started: back to the queue now, the grace is for the others.
+                await self._cancel_all("preempted", waiting_only=True)
+            if self.inflight and now < self._grace_deadline:
+                return min(0.1, self._grace_deadline - now)
+            await self._cancel_all("preempted")
+            await self._leave_group("realtime_wanted")
+            return 0
+        if now - self._group_started >= self.settings.batch_max_residency_seconds:
+            if self.inflight:
+                return 0.1
+            await self._leave_group("max_residency")
+            return 0
+        snap = self._supervisor_for(model).snapshot
+        if snap.ready and snap.model != model:
+            self.log.warning("batch_group_model_changed", model=model, serving=snap.model)
+            await self._cancel_all("preempted")
+            await self._leave_group("model_changed")
+            return 0
+        if not snap.ready:
+            return 0.1
+        free = self._room()
+        if free > 0:
+            claimed = await self._claim(model, free)
+            if claimed == 0 and not self.inflight:
+                await self._leave_group("group_done")
+                return 0
+        return 0.1  # short: a realtime request must end the group promptly
+
+    def _room(self) -> int:
+        """How many more jobs to claim: slots plus pull-ahead, not counting jobs writing their outcome."""
+        held = sum(1 for r in self.inflight.values() if not r.job.settled)
+        return self.slots + self.prefetch - held
+
+    # --- swaps
+    def _enter_group_state(self, model: str) -> None:
+        self.group = model
+        self._group_started = time.monotonic()
+        self._grace_deadline = None
+        self._draining_for = None
+
+    async def _enter_group(self, model: str) -> None:
+        """Swap the runtime to `model` for a batch group (abandoned if realtime asks first)."""
+        self._draining_for = None
+        started = time.monotonic()
+        self.log.info("batch_swap_start", to_model=model, reason="batch_group")
+        swap = asyncio.create_task(self._bring_up(model), name="batch:swap")
+        wanted = asyncio.create_task(self.activity.wanted.wait(), name="batch:wanted")
+        try:
+            await asyncio.wait({swap, wanted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wanted.cancel()
+            if not swap.done():
+                swap.cancel()
+            for task in (wanted, swap):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        error: str | None = None
+        if swap.cancelled():
+            error = "realtime traffic arrived while the batch model was loading"
+        elif swap.exception() is not None:
+            error = str(swap.exception())
+        self._record_swap("batch_group", model, started, error)
+        if error is not None:
+            self.log.warning("batch_swap_failed", to_model=model, error=error)
+            if not swap.cancelled():
+                await self._model_load_failed(model, error)
+            await self._swap_to_realtime("load_failed" if not swap.cancelled() else "realtime_wanted", model)
+            return
+        self._load_failures.pop(model, None)
+        self._enter_group_state(model)
+
+    async def _bring_up(self, model: str) -> None:
+        """Make `model` servable: swap the runtime, or (sleep mode) sleep realtime and start a second one."""
+        if not self.sleep_mode:
+            await self.supervisor.ensure_model(model, self.settings.runtime_start_timeout)
+            return
+        # A realtime request may abandon this swap at any point, but not halfway through /sleep: the
+        # supervisor's state must say whether the runtime is asleep, so the swap back knows to wake it.
+        falling_asleep = asyncio.ensure_future(self.supervisor.sleep())
+        try:
+            await asyncio.shield(falling_asleep)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await falling_asleep
+            raise
+        runtime = BatchRuntime(self._batch_settings(model))
+        self._batch_runtime = runtime
+        await runtime.start()
+        await runtime.ensure_model(model, self.settings.runtime_start_timeout)
+
+    def _batch_settings(self, model: str) -> Settings:
+        """Settings of the second runtime that serves a batch group while realtime sleeps."""
+        s = self.settings
+        return s.model_copy(update={"realtime_model": model,
+                                    "runtime_container_name": f"{s.runtime_container_name}_batch",
+                                    "runtime_pid_file": f"{s.runtime_pid_path}.batch", "runtime_port": 0})
+
+    def _supervisor_for(self, model: str) -> RuntimeSupervisor:
+        runtime = self._batch_runtime
+        if runtime is not None and runtime.settings.realtime_model == model:
+            return runtime
+        return self.supervisor
+
+    async def _leave_group(self, reason: str) -> None:
+        model = self.group
+        self.group = None
+        self._grace_deadline = None
+        await self._swap_to_realtime(reason, model)
+
+    async def _swap_to_realtime(self, reason: str, from_model: str | None) -> None:
+        started = time.monotonic()
+        realtime = self.settings.realtime_model
+        self.log.info("batch_swap_start", to_model=realtime, from_model=from_model, reason=reason)
+        error: str | None = None
+        try:
+            if self._batch_runtime is not None:
+                runtime, self._batch_runtime = self._batch_runtime, None
+                await runtime.stop(timeout=self.settings.runtime_stop_timeout + 15)
+            if self.supervisor.snapshot.state is RuntimeState.SLEEPING:
+                try:
+                    await self.supervisor.wake_up()
+                except Exception as exc:
+                    self.log.error("batch_wake_failed", error=str(exc))
+                    await self.supervisor.restart()
+            await self.supervisor.ensure_model(realtime, self.settings.runtime_start_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the supervisor keeps trying on its own; realtime waits on it
+            error = str(exc)
+            self.log.error("batch_swap_back_failed", error=error)
+        self._record_swap(reason, realtime, started, error)
+        if self.activity.wanted.is_set():
+            # Clients turned away during the swap are about to retry: count the swap back as realtime
+            # activity so the idle clock does not send the runtime straight back to the batch model.
+            self.activity.want_realtime()
+        self.activity.wanted.clear()
+        self._realtime_since = time.monotonic()
+
+    def _record_swap(self, reason: str, model: str, started: float, error: str | None) -> None:
+        seconds = time.monotonic() - started
+        metrics.BATCH_SWAPS.labels(reason).inc()
+        metrics.BATCH_SWAP_SECONDS.labels(reason).observe(seconds)
+        self.swaps.append({"reason": reason, "model": model, "seconds": seconds, "error": error,
+                           "at": time.time(), "mode": "sleep" if self.sleep_mode else "restart"})
+        del self.swaps[:-100]
+        self.log.info("batch_swap_done", to_model=model, reason=reason, seconds=round(seconds, 3), error=error)
+
+    async def _model_load_failed(self, model: str, error: str) -> None:
+        """After BATCH_MAX_ATTEMPTS failed loads in a row, fail the model's queued jobs with the reason."""
+        count = self._load_failures.get(model, 0) + 1
+        self._load_failures[model] = count
+        if count < self.settings.batch_max_attempts:
+            return
+        self._load_failures.pop(model, None)
+        while True:
+            jobs = await self.queue.claim(model, 100, self.owner)
+            if not jobs:
+                return
+            for job in jobs:
+                await self._finish_failed(job, f"The runtime could not load model '{model}': {error}",
+                                          "model_load_failed", {"model_load_failed"})
+
+    # --- claiming and running
+    async def _claim(self, model: str, n: int) -> int:
+        jobs = await self.queue.claim(model, n, self.owner)
+        for job in jobs:
+            running = _Running(job)
+            self.inflight[job.id] = running
+            running.task = asyncio.create_task(self._run_job(running), name=f"batch:{job.id}")
+            running.task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))
+            metrics.BATCH_JOBS.labels("started").inc()
+            if job.id in self._cancel_seen:
+                self._cancel_seen.discard(job.id)
+                running.cancel_reason = "cancelled"
+                running.task.cancel()
+        return len(jobs)
+
+    def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        self.inflight.pop(job_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("batch_job_task_crashed", job_id=job_id, error=repr(task.exception()))
+        self._wake.set()
+
+    def _account(self) -> None:
+        now = time.monotonic()
+        delta = self.active * (now - self._busy_mark)
+        self._busy_seconds += delta
+        metrics.BATCH_SLOT_BUSY_SECONDS.inc(delta)
+        self._busy_mark = now
+
+    async def _run_job(self, running: _Running) -> None:
+        job = running.job
+        try:
+            async with self._slot(running) as free_slot:
+                await self._attempts(job, free_slot)
+        except asyncio.CancelledError:
+            reason = running.cancel_reason or "shutdown"
+            try:
+                if reason in ("preempted", "shutdown"):
+                    await self.queue.requeue(job, reason, count_attempt=False)
+                elif reason == "cancelled":
+                    await self.queue.release(job)
+                    metrics.BATCH_ATTEMPT_SECONDS.labels("cancelled").observe(time.monotonic() - running.started)
+            except Exception as exc:  # the lease runs out and the reaper repairs it
+                self.log.warning("batch_requeue_failed", job_id=job.id, error=str(exc))
+            raise
+        except Exception as exc:
+            self.log.exception("batch_job_error", job_id=job.id)
+            with contextlib.suppress(Exception):
+                await self.queue.requeue(job, f"internal_error: {exc}", count_attempt=True)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, running: _Running) -> AsyncIterator[Callable[[], None]]:
+        """One of the MAX_CONCURRENT_BATCH slots while a job talks to the runtime; yields `free()`,
+        which gives the slot back early (the outcome is written to Redis outside the slot)."""
+        await self._slot_sem.acquire()
+        held = True
+        running.sending = True
+        self._account()
+        self.active += 1
+        metrics.BATCH_IN_FLIGHT.set(self.active)
+
+        def free() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._account()
+                self.active -= 1
+                metrics.BATCH_IN_FLIGHT.set(self.active)
+                self._slot_sem.release()
+                self._wake.set()  # top up the pulled-ahead jobs now, not when the outcome is written
+
+        try:
+            yield free
+        finally:
+            free()
+
+    async def _cancel_all(self, reason: str, *, waiting_only: bool = False) -> None:
+        """Cancel every held job (or only those still waiting for a slot) with `reason`; wait for clean-up."""
+        tasks = []
+        for running in list(self.inflight.values()):
+            if waiting_only and running.sending:
+                continue
+            if running.task is not None and not running.task.done():
+                if not running.job.settled:  # an outcome being written is let through, not cut off
+                    running.cancel_reason = running.cancel_reason or reason
+                    running.task.cancel()
+                tasks.append(running.task)
+        if tasks:
+            self.log.info("batch_jobs_cancelled", count=len(tasks), reason=reason)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, deadline - time.monotonic()))
+
+    async def _runtime_for(self, model: str) -> RuntimeSnapshot:
+        """Wait until the runtime is ready with `model`."""
+        while True:
+            supervisor = self._supervisor_for(model)
+            snap = supervisor.snapshot
+            if snap.ready and snap.model == model:
+                return snap
+            await supervisor.wait_changed(1.0, since=snap)
+
+    async def _attempts(self, job: HeldJob, free_slot: Callable[[], None]) -> None:
+        """Send the job to the runtime until it completes, fails for good or runs out of attempts."""
+        settings = self.settings
+        fields = job.fields
+        if job.attempt == 1:
+            metrics.BATCH_QUEUE_WAIT.observe(max(0.0, time.time() - float(fields.get("created_at") or time.time())))
+        body = fields["request"].encode()
+        endpoint = fields["endpoint"]
+        backoff = settings.batch_retry_backoff_seconds
+        flags = {f for f in fields.get("flags", "").split(",") if f}
+        snap = await self._runtime_for(job.model)
+        while True:
+            before = snap
+            url = (snap.base_url or "").rstrip("/").removesuffix("/v1") + endpoint
+            started = time.monotonic()
+            status: int | None = None
+            payload = b""
+            failure = ""
+            try:
+                async with self.upstream.post(url, data=body, headers={"Content-Type": "application/json"},
+                                              timeout=aiohttp.ClientTimeout(total=settings.batch_request_timeout)
+                                              ) as resp:
+                    status = resp.status
+                    payload = await resp.read()
+            except TimeoutError:
+                failure = f"the runtime did not answer within {settings.batch_request_timeout:g} s"
+                kind = "timeout"
+            except (aiohttp.ClientError, OSError) as exc:
+                failure = f"connection to the runtime failed: {type(exc).__name__}: {exc}"
+                kind = "connection_error"
+            elapsed = time.monotonic() - started
+            if status == 200:
+                metrics.BATCH_ATTEMPT_SECONDS.labels("ok").observe(elapsed)
+                free_slot()
+                await self._finish_completed(job, payload)
+                return
+            if status is not None and 400 <= status < 500 and status not in _TRANSIENT_4XX:
+                metrics.BATCH_ATTEMPT_SECONDS.labels("permanent").observe(elapsed)
+                self._usage(job, ok=False)
+                message = _runtime_message(payload) or f"the runtime answered {status}"
+                free_slot()
+                await self._finish_failed(job, f"The runtime rejected the request ({status}): {message}",
+                                          "runtime_4xx", flags | {"runtime_4xx"}, runtime_status=status,
+                                          error_type="invalid_request_error")
+                return
+            if status is not None:
+                kind = "runtime_5xx" if status >= 500 else f"runtime_{status}"
+                failure = f"the runtime answered {status}: {_runtime_message(payload) or 'no message'}"
+            metrics.BATCH_ATTEMPT_SECONDS.labels("transient").observe(elapsed)
+            self._usage(job, ok=False)
+            flags.add(kind)
+            attempt = job.attempt
+            if attempt >= settings.batch_max_attempts:
+                free_slot()
+                crash_log = await self._crash_after(job.model, before, wait=2.0)
+                if crash_log is not None:
+                    flags.add("runtime_crash")
+                await self._finish_failed(
+                    job, f"Gave up after {attempt} attempts; last: {failure}"
+                    + (f" (runtime crashed; crash log: {crash_log})" if crash_log else ""),
+                    kind, flags | {"max_attempts"}, runtime_status=status, crash_log=crash_log)
+                return
+            await asyncio.sleep(min(backoff, settings.batch_retry_backoff_max))
+            backoff = max(backoff * 2, 0.05)
+            snap = await self._runtime_for(job.model)
+            crash_log = _crash_between(before, snap)
+            update: dict[str, str] = {"error": f"attempt {attempt}: {failure}", "error_code": kind}
+            if crash_log is not None:
+                flags.add("runtime_crash")
+                update["crash_log"] = crash_log
+                update["error"] += f" (runtime crashed; crash log: {crash_log})"
+            update["flags"] = ",".join(sorted(flags))
+            if status is not None:
+                update["runtime_status"] = str(status)
+            new_attempt = await self.queue.update(job, update, attempt_delta=1)
+            if new_attempt is None:
+                self.log.info("batch_job_lost", job_id=job.id, reason="cancelled or taken back")
+                await self.queue.release(job)
+                return
+            metrics.BATCH_JOBS.labels("retried").inc()
+            await self.queue.event(job.fields, "retried", reason=kind)
+            self.log.info("batch_job_retry", job_id=job.id, attempt=new_attempt, reason=kind,
+                          crash_log=crash_log)
+
+    async def _crash_after(self, model: str, before: RuntimeSnapshot, wait: float) -> str | None:
+        """The crash log if the runtime crashed since `before` (waits briefly for the supervisor to see it)."""
+        deadline = time.monotonic() + wait
+        supervisor = self._supervisor_for(model)
+        while True:
+            snap = supervisor.snapshot
+            crash_log = _crash_between(before, snap)
+            if crash_log is not None or time.monotonic() >= deadline:
+                return crash_log
+            await supervisor.wait_changed(max(0.01, deadline - time.monotonic()), since=snap)
+
+    def _usage(self, job: HeldJob, ok: bool, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        if self.accountant is not None:
+            self.accountant.record(UsageEvent(job.fields.get("key_id", ""), ok, prompt_tokens, completion_tokens,
+                                              kind="batch"))
+
+    async def _finish_completed(self, job: HeldJob, payload: bytes) -> None:
+        usage: dict[str, Any] | None = None
+        try:
+            parsed = orjson.loads(payload)
+            if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
+                usage = parsed["usage"]
+        except orjson.JSONDecodeError:
+            pass
+        prompt = int((usage or {}).get("prompt_tokens") or 0)
+        completion = int((usage or {}).get("completion_tokens") or 0)
+        self._usage(job, True, prompt, completion)
+        fields: dict[str, str | bytes] = {
+            "status": JobStatus.COMPLETED.value, "claim": "", "finished_at": repr(time.time()),
+            "response": payload, "usage": orjson.dumps(usage).decode() if usage else "", "runtime_status": "200",
+            "error": "", "error_code": "", "error_type": "",
+        }
+        await self._finish(job, fields, "completed")
+
+    async def _finish_failed(self, job: HeldJob, message: str, code: str, flags: set[str], *,
+                             runtime_status: int | None = None, crash_log: str | None = None,
+                             error_type: str = "batch_job_failed") -> None:
+        fields: dict[str, str | bytes] = {
+            "status": JobStatus.FAILED.value, "claim": "", "finished_at": repr(time.time()), "error": message,
+            "error_type": error_type, "error_code": code, "flags": ",".join(sorted(flags)),
+        }
+        if runtime_status is not None:
+            fields["runtime_status"] = str(runtime_status)
+        if crash_log:
+            fields["crash_log"] = crash_log
+        await self._finish(job, fields, "failed")
+
+    async def _finish(self, job: HeldJob, fields: dict[str, str | bytes], event: str) -> None:
+        if await self.queue.finish(job, fields, event):
+            metrics.BATCH_JOBS.labels(event).inc()
+        else:
+            self.log.info("batch_result_discarded", job_id=job.id, reason="cancelled or taken back")
+
+    # --- background loops beside the scheduler
+    async def _listen(self, pubsub: Any) -> None:
+        """Wake the scheduler on new work; stop the request of a job cancelled through the API."""
+        cancel_channel = self.queue.keys.batch_cancel.encode()
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.log.warning("batch_listen_error", error=str(exc))
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.subscribe(self.queue.keys.batch_notify, self.queue.keys.batch_cancel)
+                continue
+            if message is None:
+                continue
+            if message.get("channel") == cancel_channel:
+                job_id = message["data"].decode()
+                running = self.inflight.get(job_id)
+                if running is None:
+                    # The job may be between its claim and its task here; a few ids are kept for that.
+                    if len(self._cancel_seen) > 10_000:
+                        self._cancel_seen.clear()
+                    self._cancel_seen.add(job_id)
+                elif running.task is not None and not running.task.done() and not running.job.settled:
+                    running.cancel_reason = "cancelled"
+                    running.task.cancel()
+            else:
+                self._wake.set()
+
+    async def _keep_leases(self) -> None:
+        """Renew our leases, take back expired ones (any holder's), refresh the queue gauge."""
+        interval = max(0.1, min(self.settings.batch_lease_seconds / 3, 5.0))
+        next_stats = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = [r.job for r in self.inflight.values()]
+                if held:
+                    lost = await self.queue.renew(held)
+                    for job_id in lost:
+                        running = self.inflight.get(job_id)
+                        if (running is not None and running.task is not None and not running.task.done()
+                                and not running.job.settled):
+                            self.log.warning("batch_lease_lost", job_id=job_id)
+                            running.cancel_reason = "lost"
+                            running.task.cancel()
+                if await self.queue.reap():
+                    self._wake.set()
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + 5.0
+                    metrics.BATCH_QUEUED.set(await self.queue.queued_count())
+                    await self.queue.trim_events()
+                self._account()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.log.warning("batch_lease_keeper_error", error=str(exc))
+
+
+def _crash_between(before: RuntimeSnapshot, after: RuntimeSnapshot) -> str | None:
+    """The newest crash log when the runtime crashed between two snapshots, else None."""
+    crashed = (after.restarts != before.restarts or after.last_crash_log != before.last_crash_log
+               or after.state.value in ("failed", "starting", "stopped"))
+    if not crashed:
+        return None
+    return after.last_crash_log or "(no crash log written)"
+
+
+def _runtime_message(payload: bytes) -> str:
+    """The error message of a runtime answer (OpenAI/vLLM shape), or the start of its text."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload[:300].decode(errors="replace").strip()
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(data.get("message"), str):
+            return str(data["message"])
+        if isinstance(error, str):
+            return error
+    return payload[:300].decode(errors="replace").strip()

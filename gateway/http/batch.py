@@ -1,0 +1,119 @@
+"""Batch job API: submit (POST /v1/batch/...), status, list and cancel (/v1/jobs); starts the dispatcher."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.actors.dispatcher import BatchDispatcher
+from gateway.batch.jobs import Endpoint, JobStatus, job_view, parse_submission
+from gateway.batch.queue import JobQueue
+from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, API_KEY, BATCH_QUEUE, DISPATCHER, REDIS, REDIS_KEYS,
+                                  SETTINGS, SUPERVISOR, UPSTREAM)
+from gateway.http.auth import Scope, requires_scope
+from gateway.http.errors import ApiError, bad_request, json_response, parse_json_object
+
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
+
+
+def _not_found(job_id: str) -> ApiError:
+    # Another key's job answers exactly like a missing one: ids reveal nothing.
+    return ApiError(404, f"No job with id '{job_id}'.", code="job_not_found", param="id")
+
+
+async def _submit(request: web.Request, endpoint: Endpoint) -> web.Response:
+    settings = request.app[SETTINGS]
+    data = parse_json_object(await request.read())
+    submission = parse_submission(data, endpoint, max_metadata_items=settings.batch_max_metadata_items,
+                                  model_aliases=settings.aliases, realtime_model=settings.realtime_model)
+    job = await request.app[BATCH_QUEUE].enqueue(request[API_KEY].id, submission)
+    view = job_view(job, include_result=False)
+    return json_response(view, status=202, headers={"Location": view["status_url"]})
+
+
+@requires_scope(Scope.BATCH)
+async def submit_completion(request: web.Request) -> web.Response:
+    """POST /v1/batch/completions: queue a completions request."""
+    return await _submit(request, Endpoint.COMPLETIONS)
+
+
+@requires_scope(Scope.BATCH)
+async def submit_chat_completion(request: web.Request) -> web.Response:
+    """POST /v1/batch/chat/completions: queue a chat completions request."""
+    return await _submit(request, Endpoint.CHAT_COMPLETIONS)
+
+
+@requires_scope(Scope.BATCH)
+async def get_job(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}: status, timings, attempts, error and (when completed) the runtime's answer."""
+    job_id = request.match_info["job_id"]
+    job = await request.app[BATCH_QUEUE].get(job_id, request[API_KEY].id)
+    if job is None:
+        raise _not_found(job_id)
+    return json_response(job_view(job))
+
+
+@requires_scope(Scope.BATCH)
+async def list_jobs(request: web.Request) -> web.Response:
+    """GET /v1/jobs?status=&model=&limit=&after=: the caller's jobs, newest first, cursor paginated."""
+    query = request.query
+    status = query.get("status") or None
+    if status is not None and status not in JobStatus.__members__.values():
+        raise bad_request(f"'status' must be one of {', '.join(s.value for s in JobStatus)}.", param="status")
+    try:
+        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
+    after = query.get("after") or None
+    if after is not None and not after.startswith("job_"):
+        raise bad_request("'after' must be the next_cursor of a previous page (a job id).", param="after")
+    page = await request.app[BATCH_QUEUE].list(request[API_KEY].id, limit=limit, after=after, status=status,
+                                               model=query.get("model") or None)
+    data = [job_view(job, include_result=False) for job in page.jobs]
+    return json_response({"object": "list", "data": data, "has_more": page.next_cursor is not None,
+                          "next_cursor": page.next_cursor,
+                          "first_id": data[0]["id"] if data else None,
+                          "last_id": data[-1]["id"] if data else None})
+
+
+@requires_scope(Scope.BATCH)
+async def cancel_job(request: web.Request) -> web.Response:
+    """DELETE /v1/jobs/{id}: cancel a queued or running job (409 once it has finished)."""
+    job_id = request.match_info["job_id"]
+    outcome, job = await request.app[BATCH_QUEUE].cancel(job_id, request[API_KEY].id)
+    if outcome == "missing" or job is None:
+        raise _not_found(job_id)
+    if outcome != "cancelled":
+        raise ApiError(409, f"Job '{job_id}' is already {outcome.removeprefix('already:')}; only queued or "
+                       "running jobs can be cancelled.",
+                       code="job_finished")
+    return json_response(job_view(job))
+
+
+async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    queue = JobQueue(app[REDIS], app[REDIS_KEYS], settings)
+    app[BATCH_QUEUE] = queue
+    dispatcher: BatchDispatcher | None = None
+    if settings.batch_dispatcher_enabled:
+        dispatcher = BatchDispatcher(settings, queue, app[SUPERVISOR], app[ACTIVITY], app[UPSTREAM],
+                                     app[ACCOUNTANT])
+        app[DISPATCHER] = dispatcher
+        await dispatcher.start()
+    yield
+    if dispatcher is not None:
+        await dispatcher.stop(timeout=settings.shutdown_timeout)
+
+
+def setup(app: web.Application) -> None:
+    """Add the batch routes and the dispatcher's cleanup context (after Redis, upstream and supervisor)."""
+    app.router.add_post("/v1/batch/completions", submit_completion)
+    app.router.add_post("/v1/batch/chat/completions", submit_chat_completion)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{job_id}", get_job)
+    app.router.add_delete("/v1/jobs/{job_id}", cancel_job)
+    app.cleanup_ctx.append(_dispatcher_ctx)

@@ -1,0 +1,233 @@
+"""The Redis queue on its own: order (priority, aging, FIFO), leases, fencing, reaping, key layout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aredis
+
+from gateway.batch.jobs import Endpoint, Submission, new_job_id
+from gateway.batch.queue import JobQueue
+from gateway.redis_keys import RedisKeys
+from tests.conftest import REDIS_URL
+
+MODEL = "m/one"
+
+
+def sub(priority: int = 0, model: str = MODEL, prompt: str = "x") -> Submission:
+    return Submission(Endpoint.COMPLETIONS, model, priority, {}, b'{"model": "%s", "prompt": "%s"}'
+                      % (model.encode(), prompt.encode()))
+
+
+@pytest.fixture
+async def make_queue(make_settings: Callable[..., Any]) -> AsyncIterator[Callable[..., JobQueue]]:
+    clients: list[aredis.Redis] = []
+
+    def build(**overrides: Any) -> JobQueue:
+        settings = make_settings(**overrides)
+        client = aredis.Redis.from_url(REDIS_URL)
+        clients.append(client)
+        return JobQueue(client, RedisKeys(settings.redis_prefix), settings)
+
+    yield build
+    for client in clients:
+        await client.aclose()
+
+
+async def claim_all(queue: JobQueue, model: str = MODEL) -> list[str]:
+    order = []
+    while jobs := await queue.claim(model, 1, "tester"):
+        order.append(jobs[0].fields["id"])
+    return order
+
+
+def test_job_ids_sort_by_creation_time() -> None:
+    ids = [new_job_id(t) for t in (1.0, 1.000001, 2.5, 1e9, 4e9)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def test_priority_then_fifo(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_aging_seconds=60)
+    low1 = (await queue.enqueue("k", sub(0)))["id"]
+    high = (await queue.enqueue("k", sub(9)))["id"]
+    mid1 = (await queue.enqueue("k", sub(3)))["id"]
+    low2 = (await queue.enqueue("k", sub(0)))["id"]
+    mid2 = (await queue.enqueue("k", sub(3)))["id"]
+    assert await claim_all(queue) == [high, mid1, mid2, low1, low2]
+
+
+async def test_aging_lets_an_old_low_priority_job_overtake(make_queue: Callable[..., JobQueue]) -> None:
+    # Each priority level is worth 0.1 s of waiting here: after 0.5 s, the priority-0 job beats a new
+    # priority-5 job (worth 0.5 s) but not a new priority-9 one (worth 0.9 s).
+    queue = make_queue(batch_aging_seconds=0.1)
+    old_low = (await queue.enqueue("k", sub(0)))["id"]
+    await asyncio.sleep(0.5)
+    new_mid = (await queue.enqueue("k", sub(5)))["id"]
+    new_top = (await queue.enqueue("k", sub(9)))["id"]
+    assert await claim_all(queue) == [new_top, old_low, new_mid]
+
+
+async def test_score_rule(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_aging_seconds=60)
+    assert queue.score(1000.0, 0) == 1000.0
+    assert queue.score(1000.0, 9) == 1000.0 - 540
+    assert queue.score(1000.0, 2) < queue.score(1000.0, 1) < queue.score(1001.0, 1)
+
+
+async def test_claim_leases_and_marks_running(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_lease_seconds=30)
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [held] = await queue.claim(MODEL, 5, "owner-a")
+    assert held.id == job_id and held.attempt == 1 and held.fields["status"] == "running"
+    assert held.token.startswith("owner-a:")
+    r, keys = queue.redis, queue.keys
+    assert await r.hget(keys.batch_lease_tokens, job_id) == held.token.encode()
+    deadline = await r.zscore(keys.batch_leases, job_id)
+    assert time.time() * 1000 < deadline <= (time.time() + 31) * 1000
+    assert await r.hget(keys.job(job_id), "owner") == b"owner-a"
+    assert await queue.claim(MODEL, 5, "owner-b") == []
+    # The model set forgets a model once its ready set is empty.
+    assert await r.smembers(keys.batch_models) == set()
+
+
+async def test_expired_lease_is_taken_back_and_stale_holder_is_fenced(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_lease_seconds=0.5)
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [stale] = await queue.claim(MODEL, 1, "dead-gateway")
+    assert await queue.reap() == 0  # lease still valid
+    await asyncio.sleep(0.7)
+    assert await queue.reap() == 1
+    job = await queue.get(job_id)
+    assert job is not None and job["status"] == "queued" and job["requeue_reason"] == "lease_expired"
+    [fresh] = await queue.claim(MODEL, 1, "live-gateway")
+    assert fresh.attempt == 2 and fresh.token != stale.token
+    # The old holder comes back: nothing it writes lands, its lease calls are no-ops.
+    assert await queue.update(stale, {"status": "completed"}, final=True) is None
+    assert await queue.renew([stale]) == {job_id}
+    await queue.release(stale)
+    assert await queue.redis.hget(queue.keys.batch_lease_tokens, job_id) == fresh.token.encode()
+    assert await queue.update(fresh, {"status": "completed", "claim": ""}, final=True) == 2
+    await queue.release(fresh)
+    assert (await queue.get(job_id))["status"] == "completed"  # type: ignore[index]
+    assert await queue.redis.zcard(queue.keys.batch_leases) == 0
+
+
+async def test_renew_keeps_lease_alive(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_lease_seconds=0.5)
+    await queue.enqueue("k", sub())
+    [held] = await queue.claim(MODEL, 1, "a")
+    for _ in range(4):
+        await asyncio.sleep(0.25)
+        assert await queue.renew([held]) == set()
+        assert await queue.reap() == 0
+
+
+async def test_reaper_repairs_a_holder_that_died_between_steps(make_queue: Callable[..., JobQueue]) -> None:
+    """Job hash already back to queued but the id still leased (crash between the two commands)."""
+    queue = make_queue(batch_lease_seconds=0.3)
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [held] = await queue.claim(MODEL, 1, "a")
+    assert await queue.update(held, {"status": "queued", "claim": ""}) == 1
+    await asyncio.sleep(0.4)
+    assert await queue.reap() == 1
+    assert [j.id for j in await queue.claim(MODEL, 1, "b")] == [job_id]
+
+
+async def test_leased_job_that_was_finished_only_loses_its_lease(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_lease_seconds=0.3)
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [held] = await queue.claim(MODEL, 1, "a")
+    await queue.update(held, {"status": "completed", "claim": ""}, final=True)
+    await asyncio.sleep(0.4)
+    assert await queue.reap() == 0
+    assert await queue.redis.zcard(queue.keys.batch_leases) == 0
+    assert (await queue.get(job_id))["status"] == "completed"  # type: ignore[index]
+    assert await queue.claim(MODEL, 1, "b") == []
+
+
+async def test_gives_up_after_max_attempts_of_lost_holders(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_lease_seconds=0.2, batch_max_attempts=2)
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    for _ in range(2):
+        assert len(await queue.claim(MODEL, 1, "dies")) == 1
+        await asyncio.sleep(0.3)
+        assert await queue.reap() == 1
+    assert await queue.claim(MODEL, 1, "c") == []
+    job = await queue.get(job_id)
+    assert job is not None and job["status"] == "failed"
+    assert set(job["flags"].split(",")) >= {"max_attempts"} and job["error_code"] == "lease_expired"
+    assert await queue.redis.ttl(queue.keys.job(job_id)) > 0
+
+
+async def test_preempted_requeue_does_not_count_an_attempt(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue()
+    first = (await queue.enqueue("k", sub(prompt="first")))["id"]
+    await queue.enqueue("k", sub(prompt="second"))
+    [held] = await queue.claim(MODEL, 1, "a")
+    assert held.id == first
+    assert await queue.requeue(held, "preempted", count_attempt=False)
+    job = await queue.get(first)
+    assert job is not None and job["status"] == "queued" and job["attempt"] == "0"
+    [again] = await queue.claim(MODEL, 1, "a")
+    assert again.id == first and again.attempt == 1  # back at its original place, first in line
+
+
+async def test_cancel_running_clears_claim(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue()
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [held] = await queue.claim(MODEL, 1, "a")
+    assert (await queue.cancel(job_id, "other-key"))[0] == "missing"
+    outcome, job = await queue.cancel(job_id, "k")
+    assert outcome == "cancelled" and job is not None and job["status"] == "cancelled"
+    assert await queue.update(held, {"status": "completed"}, final=True) is None
+    assert (await queue.cancel(job_id, "k"))[0] == "already:cancelled"
+
+
+def test_queue_keys_share_one_cluster_slot() -> None:
+    keys = RedisKeys("deploy-a:")
+    names = [keys.batch_ready("org/model-x"), keys.batch_ready("other"), keys.batch_models, keys.batch_leases,
+             keys.batch_lease_tokens, keys.batch_claim_seq]
+    for name in names:
+        assert name.startswith("deploy-a:")
+        start = name.index("{")
+        assert name[start:name.index("}") + 1] == "{batch}"
+    assert RedisKeys("").job("job_1") == "job:job_1"
+    assert RedisKeys("").job_events == "job_events"
+
+
+async def test_event_stream_trimmed_by_length(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(job_stream_maxlen=10)
+    for _ in range(300):
+        await queue.enqueue("k", sub())
+    # Approximate trimming keeps whole macro nodes (100 entries each), never the full history.
+    assert await queue.redis.xlen(queue.keys.job_events) < 300
+
+
+async def test_event_stream_trimmed_by_age(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(job_stream_max_age_seconds=1)
+    r = queue.redis
+    await r.xadd(queue.keys.job_events, {"event": "ancient"}, id=f"{int((time.time() - 3600) * 1000)}-0")
+    await queue.enqueue("k", sub())
+    await queue.trim_events()
+    events = [e[b"event"] for _, e in await r.xrange(queue.keys.job_events)]
+    assert events == [b"enqueued"]
+
+
+async def test_reaper_appends_the_event_of_a_holder_that_died_after_finishing(
+        make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue(batch_lease_seconds=0.3)
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [held] = await queue.claim(MODEL, 1, "a")
+    # What `finish` writes first; the process "dies" before the event and the lease release.
+    assert await queue.update(held, {"status": "completed", "claim": "", "final_event": "completed"},
+                              final=True) == 1
+    await asyncio.sleep(0.4)
+    assert await queue.reap() == 0
+    events = [(e[b"job_id"].decode(), e[b"event"], e.get(b"reason"))
+              for _, e in await queue.redis.xrange(queue.keys.job_events)]
+    assert events[-1] == (job_id, b"completed", b"recovered")
+    assert await queue.redis.zcard(queue.keys.batch_leases) == 0
