@@ -1,0 +1,631 @@
+"""BatchManager: drives OpenAI-style batches through validating -> in_progress -> finalizing -> completed.
+
+Each batch is driven by one task of this actor:
+1. validating: a first pass over the input file checks every line; the batch fails only when the file
+   as a whole is unusable (too large, too many lines, empty, not JSONL at all);
+2. in_progress: a second pass enqueues the good lines as jobs of the batch queue, a chunk per Redis
+   MULTI/EXEC that also appends the job ids, the bad lines' errors and the progress cursor, so a restart
+   resumes exactly after the last chunk that landed (no line lost, none enqueued twice);
+3. it then waits until every job is final, learning of outcomes from the job event stream (and from a
+   periodic re-read of the unfinished jobs' status, which also covers events missed while stopped);
+4. finalizing: the output and error files are written through the upload store, then the batch is final.
+Cancelling and expiry (OPENAI_BATCH_WINDOW_SECONDS after creation) cancel the unfinished jobs and
+finalize with what has completed. Everything lives in Redis; `run()` resumes every active batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway import metrics
+from gateway.actors.base import STOP, Actor
+from gateway.batch.jobs import Endpoint
+from gateway.batch.queue import JobQueue
+from gateway.openai_batches.files import PURPOSE_OUTPUT, file_id, make_metadata, purpose_of, upload_id_of
+from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine, check_line, read_lines
+from gateway.openai_batches.records import BatchRecords, BatchStatus
+from gateway.redis_keys import RedisKeys
+from gateway.settings import Settings
+from gateway.uploads.errors import UploadError
+from gateway.uploads.store import UploadStore
+
+_FINAL_JOB = frozenset({"completed", "failed", "cancelled"})
+_SCAN_CHUNK = 250
+_RETRY_SECONDS = 2.0
+_RETRY_MAX_SECONDS = 60.0
+_ERRORS_SHOWN = 20
+_YIELD_EVERY = 100
+"""Lines checked between two yields to the event loop (~2 ms of CPU)."""
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the manager knows of one in-progress batch's jobs (rebuilt from Redis on every (re)start)."""
+
+    pending: set[str] = field(default_factory=set)
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    dirty: bool = False
+
+    def settle(self, job_id: str, status: str) -> bool:
+        """Count a final job once; False if it was not pending."""
+        if job_id not in self.pending:
+            return False
+        self.pending.discard(job_id)
+        if status == "completed":
+            self.completed += 1
+        elif status == "cancelled":
+            self.cancelled += 1
+        else:
+            self.failed += 1
+        self.dirty = True
+        if not self.pending:
+            self.changed.set()
+        return True
+
+
+class BatchFileError(Exception):
+    """The input file as a whole cannot be used; `code` and the message go to the batch's errors."""
+
+    def __init__(self, code: str, message: str, details: list[LineError] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or []
+
+
+class BatchManager(Actor):
+    """Drives every active OpenAI-style batch; `wake(batch_id)` after creating or cancelling one."""
+
+    name = "openai_batch_manager"
+
+    def __init__(self, settings: Settings, redis: Redis, keys: RedisKeys, queue: JobQueue,
+                 store: UploadStore) -> None:
+        super().__init__()
+        self.settings = settings
+        self.redis = redis
+        self.keys = keys
+        self.queue = queue
+        self.store = store
+        self.records = BatchRecords(redis, keys, settings.batch_job_ttl_seconds)
+        self._tracked: dict[str, _Tracked] = {}
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._retry_at: dict[str, float] = {}
+        self._job_batch: dict[str, str] = {}
+        """Job id -> batch id for the jobs whose outcome the follower is waiting for."""
+        self._failures: dict[str, int] = {}
+
+    # --- public
+    def wake(self, batch_id: str) -> None:
+        """A batch was created or asked to cancel: drive it now rather than at the next tick."""
+        self.tell(batch_id)
+
+    @property
+    def driving(self) -> int:
+        """Batches being driven right now."""
+        return len(self._drivers)
+
+    # --- run loop
+    async def run(self) -> None:
+        """Resume active batches, follow the job event stream, and (re)start drivers as needed."""
+        async with asyncio.TaskGroup() as tg:
+            follower = tg.create_task(self._follow_events(), name="openai_batches:events")
+            try:
+                next_scan = 0.0
+                while True:
+                    now = time.monotonic()
+                    if now >= next_scan:
+                        next_scan = now + self.settings.openai_batch_rescan_seconds
+                        with contextlib.suppress(RedisError, OSError):
+                            for batch_id in await self.records.active_ids():
+                                self._start_driver(tg, batch_id)
+                            await self._rescan()
+                    for batch_id, at in list(self._retry_at.items()):
+                        if at <= now:
+                            self._start_driver(tg, batch_id)
+                    message = await self.receive(1.0)
+                    if message is STOP:
+                        return
+                    if isinstance(message, str):
+                        tracked = self._tracked.get(message)
+                        if tracked is not None:
+                            tracked.changed.set()  # a cancel: the driver looks at the status now
+                        self._start_driver(tg, message)
+            finally:
+                follower.cancel()
+                for task in list(self._drivers.values()):
+                    task.cancel()
+                metrics.OPENAI_BATCHES_ACTIVE.set(0)
+
+    def _start_driver(self, tg: asyncio.TaskGroup, batch_id: str) -> None:
+        if batch_id in self._drivers or self.stopping:
+            return
+        if self._retry_at.get(batch_id, 0.0) > time.monotonic():
+            return
+        self._retry_at.pop(batch_id, None)
+        task = tg.create_task(self._drive_safely(batch_id), name=f"openai_batch:{batch_id}")
+        self._drivers[batch_id] = task
+        metrics.OPENAI_BATCHES_ACTIVE.set(len(self._drivers))
+
+    async def _drive_safely(self, batch_id: str) -> None:
+        try:
+            await self._drive(batch_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # retried from the Redis state: every step is resumable
+            failures = self._failures.get(batch_id, 0) + 1
+            self._failures[batch_id] = failures
+            delay = min(_RETRY_SECONDS * 2 ** (failures - 1), _RETRY_MAX_SECONDS)
+            self.log.exception("openai_batch_driver_error", batch_id=batch_id, error=str(exc), retry_in=delay)
+            self._retry_at[batch_id] = time.monotonic() + delay
+        else:
+            self._failures.pop(batch_id, None)
+        finally:
+            self._drivers.pop(batch_id, None)
+            self._forget(batch_id)
+            metrics.OPENAI_BATCHES_ACTIVE.set(len(self._drivers))
+
+    def _forget(self, batch_id: str) -> None:
+        if self._tracked.pop(batch_id, None) is not None:
+            self._job_batch = {j: b for j, b in self._job_batch.items() if b != batch_id}
+
+    # --- one batch
+    async def _drive(self, batch_id: str) -> None:
+        batch = await self.records.get(batch_id)
+        if batch is None:
+            await self.redis.srem(self.keys.openai_batches_active, batch_id)
+            return
+        status = BatchStatus(batch["status"])
+        if status.final:
+            await self.records.retire(batch_id)
+            return
+        log = self.log.bind(batch_id=batch_id, key_id=batch["key_id"])
+        if status is BatchStatus.VALIDATING:
+            if await self._expired(batch):
+                return
+            try:
+                total, model = await self._validate(batch)
+            except BatchFileError as exc:
+                await self._fail(batch, exc)
+                log.info("openai_batch_failed", code=exc.code, reason=exc.message)
+                return
+            now = repr(time.time())
+            result = await self.records.transition(batch_id, (BatchStatus.VALIDATING,),
+                                                   {"status": BatchStatus.IN_PROGRESS.value, "in_progress_at": now,
+                                                    "total": str(total), "model": model})
+            if result not in ("ok", BatchStatus.CANCELLING.value):
+                return
+            log.info("openai_batch_in_progress", total=total, model=model)
+            batch = await self.records.get(batch_id) or batch
+        tracked = _Tracked()
+        self._tracked[batch_id] = tracked
+        await self._load_jobs(batch_id, tracked)
+        if batch["status"] == BatchStatus.IN_PROGRESS.value and batch.get("enqueue_done") != "1":
+            try:
+                await self._enqueue(batch, tracked)
+            except BatchFileError as exc:
+                # The input vanished mid-way (TUS termination): what was enqueued still runs and is reported.
+                log.warning("openai_batch_input_lost", code=exc.code, reason=exc.message)
+                done_through = int(await self.redis.hget(self.keys.openai_batch(batch_id), "enqueued_line") or 0)
+                errors = {"object": "list", "data": [{"code": exc.code, "message": exc.message, "param": None,
+                                                      "line": done_through + 1}]}
+                await self.records.set(batch_id, {"errors": orjson.dumps(errors).decode(), "enqueue_done": "1"})
+            batch = await self.records.get(batch_id) or batch
+        final = await self._await_jobs(batch, tracked)
+        await self._finalize(batch, tracked, final)
+
+    async def _expired(self, batch: dict[str, str]) -> bool:
+        """True (and the batch finalized as expired) when its completion window has passed."""
+        if time.time() < float(batch["expires_at"]):
+            return False
+        tracked = self._tracked.setdefault(batch["id"], _Tracked())
+        await self._finalize(batch, tracked, BatchStatus.EXPIRED)
+        return True
+
+    def _rules(self, batch: dict[str, str]) -> LineRules:
+        return LineRules(endpoint=Endpoint(batch["endpoint"]), priority=int(batch.get("priority") or 0),
+                         batch_id=batch["id"], max_metadata_items=self.settings.batch_max_metadata_items,
+                         model_aliases=self.settings.aliases, realtime_model=self.settings.realtime_model)
+
+    async def _input_lines(self, batch: dict[str, str]) -> AsyncIterator[RawLine]:
+        upload_id = upload_id_of(batch["input_file_id"]) or ""
+        info = self.store.get(upload_id)
+        if info is None or info.key_id != batch["key_id"] or not info.finished:
+            raise BatchFileError("input_file_missing", f"The input file {batch['input_file_id']} no longer exists "
+                                 "(it was deleted while the batch was running).")
+        if info.size > self.settings.openai_batch_max_file_bytes:
+            raise BatchFileError("file_too_large", f"The input file has {info.size} bytes, more than the limit of "
+                                 f"{self.settings.openai_batch_max_file_bytes} bytes (OPENAI_BATCH_MAX_FILE_BYTES).")
+        self.store.repair(info)
+        async for line in read_lines(self.store.data_path(upload_id), info.size, self.settings.max_body_bytes):
+            yield line
+
+    async def _validate(self, batch: dict[str, str]) -> tuple[int, str]:
+        """First pass: the number of requests and the first valid line's model; BatchFileError if unusable."""
+        rules = self._rules(batch)
+        seen: set[str] = set()
+        lines = good = objects = 0
+        model = ""
+        details: list[LineError] = []
+        limit = self.settings.openai_batch_max_lines
+        status_key = self.keys.openai_batch(batch["id"])
+        async for raw in self._input_lines(batch):
+            lines += 1
+            if lines % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # checking lines is CPU work: let realtime requests through
+            if lines % 10_000 == 0 and await self.redis.hget(status_key, "status") != b"validating":
+                return lines, model  # cancelled while a large file was being read: the caller sees it
+            if lines > limit:
+                raise BatchFileError("too_many_lines", f"The input file has more than {limit} requests (lines); "
+                                     "split it into several batches (OPENAI_BATCH_MAX_LINES).")
+            checked = check_line(raw, rules, seen, self.settings.max_body_bytes)
+            if isinstance(checked, GoodLine):
+                good += 1
+                objects += 1
+                model = model or checked.submission.model
+            else:
+                objects += checked.json_object
+                if len(details) < _ERRORS_SHOWN:
+                    details.append(checked)
+        if lines == 0:
+            raise BatchFileError("empty_file", "The input file has no requests: it is empty or only blank lines.")
+        if objects == 0:
+            raise BatchFileError("invalid_file_format", "The input file is not JSONL: none of its lines is a JSON "
+                                 "object. Each line must be {\"custom_id\", \"method\", \"url\", \"body\"}.", details)
+        return lines, model
+
+    async def _fail(self, batch: dict[str, str], exc: BatchFileError) -> None:
+        data = [{"code": exc.code, "message": exc.message, "param": None, "line": None}]
+        data += [{"code": d.code, "message": d.message, "param": d.param, "line": d.line} for d in exc.details]
+        result = await self.records.transition(
+            batch["id"], (BatchStatus.VALIDATING, BatchStatus.CANCELLING),
+            {"status": BatchStatus.FAILED.value, "failed_at": repr(time.time()),
+             "errors": orjson.dumps({"object": "list", "data": data}).decode()})
+        if result == "ok":
+            metrics.OPENAI_BATCHES.labels("failed").inc()
+        await self.records.retire(batch["id"])
+
+    async def _load_jobs(self, batch_id: str, tracked: _Tracked) -> None:
+        """Rebuild what is known of the batch's jobs from Redis (the list of ids and their statuses)."""
+        key = self.keys.openai_batch_jobs(batch_id)
+        start = 0
+        while True:
+            ids = [x.decode() for x in await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1)]
+            if not ids:
+                break
+            start += len(ids)
+            # Known before their status is read: an outcome event arriving meanwhile is not lost.
+            for job_id in ids:
+                tracked.pending.add(job_id)
+                self._job_batch[job_id] = batch_id
+            statuses = await self._statuses(ids)
+            for job_id, status in zip(ids, statuses, strict=True):
+                if status in _FINAL_JOB or status is None:
+                    tracked.settle(job_id, status or "failed")
+        tracked.dirty = True
+
+    async def _statuses(self, ids: list[str]) -> list[str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(self.keys.job(job_id), "status")
+        return [v.decode() if v is not None else None for v in await pipe.execute()]
+
+    async def _enqueue(self, batch: dict[str, str], tracked: _Tracked) -> None:
+        """Second pass: enqueue the good lines after the cursor, a chunk per MULTI/EXEC."""
+        batch_id, key_id = batch["id"], batch["key_id"]
+        rules = self._rules(batch)
+        done_through = int(batch.get("enqueued_line") or 0)
+        invalid = int(batch.get("invalid") or 0)
+        seen: set[str] = set()
+        good: list[GoodLine] = []
+        errors: list[LineError] = []
+        last_line = done_through
+        chunk = self.settings.openai_batch_enqueue_chunk
+
+        async def flush() -> bool:
+            nonlocal good, errors, invalid
+            status = await self.redis.hget(self.keys.openai_batch(batch_id), "status")
+            if status != BatchStatus.IN_PROGRESS.value.encode():
+                return False  # cancelling or expired: stop feeding the queue
+            pipe = self.redis.pipeline(transaction=True)
+            jobs = self.queue.enqueue_many(pipe, key_id, [g.submission for g in good])
+            if jobs:
+                pipe.rpush(self.keys.openai_batch_jobs(batch_id), *(j["id"] for j in jobs))
+            if errors:
+                pipe.rpush(self.keys.openai_batch_errors(batch_id), *(e.to_output(batch_id) for e in errors))
+            invalid += len(errors)
+            pipe.hset(self.keys.openai_batch(batch_id), mapping={"enqueued_line": str(last_line),
+                                                                  "invalid": str(invalid)})
+            # Pending before the jobs exist, so no outcome can arrive for an id we do not know yet.
+            for job in jobs:
+                tracked.pending.add(job["id"])
+                self._job_batch[job["id"]] = batch_id
+            await pipe.execute()
+            metrics.BATCH_JOBS.labels("enqueued").inc(len(jobs))
+            metrics.OPENAI_BATCH_LINES.labels("enqueued").inc(len(jobs))
+            metrics.OPENAI_BATCH_LINES.labels("invalid").inc(len(errors))
+            good, errors = [], []
+            return True
+
+        async for raw in self._input_lines(batch):
+            # Lines before the cursor are replayed only to rebuild the set of custom_ids seen.
+            checked = check_line(raw, rules, seen, self.settings.max_body_bytes)
+            if raw.number % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if raw.number <= done_through:
+                continue
+            last_line = raw.number
+            if isinstance(checked, GoodLine):
+                good.append(checked)
+            else:
+                errors.append(checked)
+            if len(good) + len(errors) >= chunk and not await flush():
+                return
+        if (good or errors or last_line > done_through) and not await flush():
+            return
+        await self.records.set(batch_id, {"enqueue_done": "1"})
+        self.log.info("openai_batch_enqueued", batch_id=batch_id, jobs=len(tracked.pending) + tracked.completed
+                      + tracked.failed + tracked.cancelled, invalid=invalid)
+
+    async def _await_jobs(self, batch: dict[str, str], tracked: _Tracked) -> BatchStatus:
+        """Wait until every job is final, or the batch is cancelled or expires; the final status to write."""
+        batch_id = batch["id"]
+        expires_at = float(batch["expires_at"])
+        while True:
+            status, expiring = await self.redis.hmget(self.keys.openai_batch(batch_id), ["status", "expiring"])
+            status = (status or b"").decode()
+            if status == BatchStatus.CANCELLING.value:
+                return BatchStatus.CANCELLED
+            if status == BatchStatus.FINALIZING.value:
+                # A restart during finalizing: write the files again.
+                return BatchStatus.EXPIRED if expiring == b"1" else BatchStatus.COMPLETED
+            if time.time() >= expires_at:
+                return BatchStatus.EXPIRED
+            if status != BatchStatus.IN_PROGRESS.value:
+                raise RuntimeError(f"batch {batch_id} is {status!r} while its jobs run")
+            await self._save_counts(batch_id, tracked)
+            if not tracked.pending:
+                return BatchStatus.COMPLETED
+            tracked.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tracked.changed.wait(), min(1.0, max(0.01, expires_at - time.time())))
+
+    async def _save_counts(self, batch_id: str, tracked: _Tracked) -> None:
+        if tracked.dirty:
+            tracked.dirty = False
+            await self.records.set(batch_id, {"jobs_completed": str(tracked.completed),
+                                              "jobs_failed": str(tracked.failed)})
+
+    # --- finalizing
+    async def _finalize(self, batch: dict[str, str], tracked: _Tracked, final: BatchStatus) -> None:
+        """Cancel what still runs (cancel/expiry), write the output and error files, set the final status."""
+        batch_id, key_id = batch["id"], batch["key_id"]
+        now = repr(time.time())
+        if final is BatchStatus.COMPLETED:
+            await self.records.transition(batch_id, (BatchStatus.IN_PROGRESS,),
+                                          {"status": BatchStatus.FINALIZING.value, "finalizing_at": now})
+        elif final is BatchStatus.EXPIRED:
+            await self.records.transition(batch_id, (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS),
+                                          {"status": BatchStatus.FINALIZING.value, "finalizing_at": now,
+                                           "expiring": "1"})
+        if tracked.pending:
+            await self.queue.cancel_many(sorted(tracked.pending), key_id)
+            for job_id in list(tracked.pending):
+                tracked.settle(job_id, "cancelled")
+        await self._remove_partial_outputs(batch_id, key_id)
+        counts = await self._scan_outcomes(batch_id, final)
+        output_id = error_id = ""
+        if counts["completed"]:
+            output_id = await self._write_file(batch, "output", self._output_lines(batch_id))
+        if counts["errors"]:
+            error_id = await self._write_file(batch, "error", self._error_lines(batch, final))
+        fields = {"status": final.value, f"{final.value}_at": repr(time.time()), "output_file_id": output_id,
+                  "error_file_id": error_id, "jobs_completed": str(counts["completed"]),
+                  "jobs_failed": str(counts["failed"])}
+        if counts["usage"]:
+            fields["usage"] = orjson.dumps(counts["usage"]).decode()
+        allowed = (BatchStatus.FINALIZING, BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING)
+        if await self.records.transition(batch_id, allowed, fields) == "ok":
+            metrics.OPENAI_BATCHES.labels(final.value).inc()
+            self.log.info("openai_batch_done", batch_id=batch_id, status=final.value, **{
+                k: v for k, v in counts.items() if k != "usage"})
+        await self.records.retire(batch_id)
+
+    async def _job_rows(self, batch_id: str, fields: tuple[str, ...]) -> AsyncIterator[tuple[str, list[Any]]]:
+        """(job id, HMGET of `fields`) for every job of the batch, in input-line order, a chunk at a time."""
+        key = self.keys.openai_batch_jobs(batch_id)
+        start = 0
+        while True:
+            ids = [x.decode() for x in await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1)]
+            if not ids:
+                return
+            start += len(ids)
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), fields)
+            for job_id, row in zip(ids, await pipe.execute(), strict=True):
+                yield job_id, row
+
+    async def _scan_outcomes(self, batch_id: str, final: BatchStatus) -> dict[str, Any]:
+        completed = failed = other = 0
+        prompt = completion = 0
+        async for _, (status, usage) in self._job_rows(batch_id, ("status", "usage")):
+            if status == b"completed":
+                completed += 1
+                if usage:
+                    data = orjson.loads(usage)
+                    prompt += int(data.get("prompt_tokens") or 0)
+                    completion += int(data.get("completion_tokens") or 0)
+            elif status == b"failed":
+                failed += 1
+            else:
+                other += 1
+        if final is BatchStatus.COMPLETED:
+            # Jobs cancelled one by one (DELETE /v1/jobs/<id>) or whose record expired did not run: failed.
+            failed, other = failed + other, 0
+        invalid = int(await self.redis.hget(self.keys.openai_batch(batch_id), "invalid") or 0)
+        usage_view = None
+        if completed:
+            usage_view = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                          "total_tokens": prompt + completion}
+        return {"completed": completed, "failed": failed, "unfinished": other, "invalid": invalid,
+                "errors": failed + other + invalid, "usage": usage_view}
+
+    async def _output_lines(self, batch_id: str) -> AsyncIterator[bytes]:
+        fields = ("status", "metadata", "response", "runtime_status")
+        buf = bytearray()
+        async for job_id, (status, meta, response, runtime_status) in self._job_rows(batch_id, fields):
+            if status != b"completed":
+                continue
+            custom_id = orjson.loads(meta).get("custom_id") if meta else None
+            try:
+                body: Any = orjson.loads(response) if response else None
+            except orjson.JSONDecodeError:
+                body = response.decode(errors="replace")
+            buf += orjson.dumps({
+                "id": job_id, "custom_id": custom_id,
+                "response": {"status_code": int(runtime_status or 200), "request_id": job_id, "body": body},
+                "error": None,
+            })
+            buf += b"\n"
+            if len(buf) >= 256 * 1024:
+                yield bytes(buf)
+                buf.clear()
+        if buf:
+            yield bytes(buf)
+
+    async def _error_lines(self, batch: dict[str, str], final: BatchStatus) -> AsyncIterator[bytes]:
+        batch_id = batch["id"]
+        buf = bytearray()
+        key = self.keys.openai_batch_errors(batch_id)
+        start = 0
+        while True:
+            lines = await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1)
+            if not lines:
+                break
+            start += len(lines)
+            for line in lines:
+                buf += line + b"\n"
+            yield bytes(buf)
+            buf.clear()
+        fields = ("status", "metadata", "error", "error_code", "error_type", "runtime_status")
+        unfinished_code = {BatchStatus.EXPIRED: "batch_expired", BatchStatus.CANCELLED: "batch_cancelled"}.get(
+            final, "batch_cancelled")
+        async for job_id, (status, meta, error, code, etype, runtime_status) in self._job_rows(batch_id, fields):
+            if status == b"completed":
+                continue
+            custom_id = orjson.loads(meta).get("custom_id") if meta else None
+            message = error.decode() if error else ""
+            if status == b"failed" and runtime_status and code == b"runtime_4xx":
+                line: dict[str, Any] = {
+                    "id": job_id, "custom_id": custom_id,
+                    "response": {"status_code": int(runtime_status), "request_id": job_id,
+                                 "body": {"error": {"message": message, "type": (etype or b"").decode() or None,
+                                                    "code": None, "param": None}}},
+                    "error": None}
+            elif status == b"failed":
+                line = {"id": job_id, "custom_id": custom_id, "response": None,
+                        "error": {"code": (code or b"").decode() or "batch_job_failed", "message": message}}
+            elif status is None:
+                line = {"id": job_id, "custom_id": custom_id, "response": None,
+                        "error": {"code": "result_expired", "message": "The job's record expired "
+                                  "(BATCH_JOB_TTL_SECONDS) before the batch was finalized."}}
+            elif final is BatchStatus.COMPLETED:
+                line = {"id": job_id, "custom_id": custom_id, "response": None,
+                        "error": {"code": "job_cancelled", "message": "The job was cancelled on its own "
+                                  f"(DELETE /v1/jobs/{job_id}) before it ran."}}
+            else:
+                verb = "expired" if final is BatchStatus.EXPIRED else "was cancelled"
+                line = {"id": job_id, "custom_id": custom_id, "response": None,
+                        "error": {"code": unfinished_code,
+                                  "message": f"The request did not run: the batch {verb} first."}}
+            buf += orjson.dumps(line) + b"\n"
+            if len(buf) >= 256 * 1024:
+                yield bytes(buf)
+                buf.clear()
+        if buf:
+            yield bytes(buf)
+
+    async def _write_file(self, batch: dict[str, str], kind: str, chunks: AsyncIterator[bytes]) -> str:
+        metadata = make_metadata({"filename": f"{batch['id']}_{kind}.jsonl", "filetype": "application/jsonl",
+                                  "purpose": PURPOSE_OUTPUT, "batch_id": batch["id"]})
+        try:
+            info = await self.store.put(batch["key_id"], chunks, metadata)
+        except UploadError as exc:
+            # E.g. the key's upload quota is full: the batch still ends, with the reason in its errors.
+            self.log.error("openai_batch_file_write_failed", batch_id=batch["id"], kind=kind, error=exc.message)
+            errors = {"object": "list", "data": [{"code": "output_file_failed", "param": None, "line": None,
+                                                   "message": f"The {kind} file could not be stored: {exc.message}"}]}
+            await self.records.set(batch["id"], {"errors": orjson.dumps(errors).decode()})
+            return ""
+        return file_id(info.id)
+
+    async def _remove_partial_outputs(self, batch_id: str, key_id: str) -> None:
+        """Files written by an earlier finalize of this batch that stopped before its status was set."""
+        for info in self.store.list_for_key(key_id):
+            # Only the gateway sets purpose batch_output (TUS metadata cannot), so a user's file is never hit.
+            if info.metadata.values.get("batch_id") == batch_id and purpose_of(info) == PURPOSE_OUTPUT:
+                with contextlib.suppress(UploadError):
+                    await self.store.delete(info.id)
+
+    # --- job outcomes
+    async def _follow_events(self) -> None:
+        """Settle jobs as their final events arrive on the job event stream."""
+        stream = self.keys.job_events
+        last = "$"
+        while True:
+            try:
+                if last == "$":
+                    newest = await self.redis.xrevrange(stream, count=1)
+                    last = newest[0][0].decode() if newest else "0-0"
+                    await self._rescan()  # whatever ended before `last` is read from the job hashes
+                reply = await self.redis.xread({stream: last}, count=1000, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self.log.warning("openai_batch_events_error", error=str(exc))
+                last = "$"
+                await asyncio.sleep(1.0)
+                continue
+            for _, entries in reply or ():
+                touched: set[str] = set()
+                for entry_id, entry in entries:
+                    last = entry_id.decode()
+                    job_id = entry.get(b"job_id", b"").decode()
+                    batch_id = self._job_batch.get(job_id)
+                    if batch_id is None:
+                        continue
+                    status = entry.get(b"status", b"").decode()
+                    if status in _FINAL_JOB and entry.get(b"event", b"").decode() in _FINAL_JOB:
+                        tracked = self._tracked.get(batch_id)
+                        if tracked is not None and tracked.settle(job_id, status):
+                            self._job_batch.pop(job_id, None)
+                            touched.add(batch_id)
+                for batch_id in touched:
+                    tracked = self._tracked.get(batch_id)
+                    if tracked is not None:
+                        tracked.changed.set()
+
+    async def _rescan(self) -> None:
+        """Re-read the status of every pending job (events may have been missed or trimmed)."""
+        for batch_id, tracked in list(self._tracked.items()):
+            ids = list(tracked.pending)
+            for start in range(0, len(ids), _SCAN_CHUNK):
+                chunk = ids[start:start + _SCAN_CHUNK]
+                for job_id, status in zip(chunk, await self._statuses(chunk), strict=True):
+                    if status in _FINAL_JOB and tracked.settle(job_id, status):
+                        self._job_batch.pop(job_id, None)
+            if tracked.dirty:
+                tracked.changed.set()

@@ -1,0 +1,186 @@
+"""OpenAI-style batch records in Redis: create, read, list, compare-and-set status changes, the public view.
+
+One hash per batch (`openai_batch:<id>`) holds its state, counters and the progress cursor of the
+enqueue pass; `openai_batches_active` lists the batches a manager must drive (resumed on start-up).
+Every status change goes through one Lua compare-and-set, so the HTTP cancel and the manager never
+overwrite each other's transition.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from gateway.redis_keys import RedisKeys
+
+# Change status only when it is one of the expected ones: ARGV = n, status_1..status_n, field, value, ...
+_TRANSITION = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do
+  if ARGV[i] == st then
+    redis.call('HSET', KEYS[1], unpack(ARGV, n + 2))
+    return 'ok'
+  end
+end
+return st
+"""
+
+
+class BatchStatus(StrEnum):
+    """OpenAI's batch statuses; the last four are final."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        """True when nothing will happen to the batch any more."""
+        return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+def new_batch_id(now: float | None = None) -> str:
+    """A batch id whose text order is its creation order (like job ids), for cursor pagination."""
+    micros = time.time_ns() // 1000 if now is None else round(now * 1_000_000)
+    return f"batch_{micros:014x}{secrets.token_hex(5)}"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPage:
+    """One page of a key's batches, newest first."""
+
+    batches: list[dict[str, str]]
+    has_more: bool
+
+
+class BatchRecords:
+    """Every Redis operation on batch records."""
+
+    def __init__(self, redis: Redis, keys: RedisKeys, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_seconds = ttl_seconds
+        self._transition = redis.register_script(_TRANSITION)
+
+    async def create(self, fields: dict[str, str]) -> None:
+        """Store a new batch (status validating) and make it visible to its key and to the manager."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.openai_batch(fields["id"]), mapping=fields)
+        pipe.zadd(self.keys.openai_batch_index(fields["key_id"]), {fields["id"]: 0})
+        pipe.sadd(self.keys.openai_batches_active, fields["id"])
+        await pipe.execute()
+
+    async def get(self, batch_id: str, key_id: str | None = None) -> dict[str, str] | None:
+        """The decoded batch hash, or None (also for another key's batch when key_id is given)."""
+        raw = await self.redis.hgetall(self.keys.openai_batch(batch_id))
+        if not raw:
+            return None
+        batch = {k.decode(): v.decode() for k, v in raw.items()}
+        if key_id is not None and batch.get("key_id") != key_id:
+            return None
+        return batch
+
+    async def active_ids(self) -> list[str]:
+        """Ids of batches not yet final."""
+        return sorted(x.decode() for x in await self.redis.smembers(self.keys.openai_batches_active))
+
+    async def transition(self, batch_id: str, allowed: tuple[BatchStatus, ...], fields: dict[str, str]) -> str:
+        """Set `fields` if the status is one of `allowed`: 'ok', else the current status or 'missing'."""
+        args: list[Any] = [len(allowed), *(s.value for s in allowed)]
+        for k, v in fields.items():
+            args.extend((k, v))
+        result = await self._transition(keys=[self.keys.openai_batch(batch_id)], args=args)
+        return result.decode() if isinstance(result, bytes) else str(result)
+
+    async def set(self, batch_id: str, fields: dict[str, str]) -> None:
+        """Update fields that are not the status (counters, cursor)."""
+        await self.redis.hset(self.keys.openai_batch(batch_id), mapping=fields)
+
+    async def retire(self, batch_id: str) -> None:
+        """A batch reached a final state: stop driving it; its records expire after BATCH_JOB_TTL_SECONDS."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.srem(self.keys.openai_batches_active, batch_id)
+        for key in (self.keys.openai_batch(batch_id), self.keys.openai_batch_jobs(batch_id),
+                    self.keys.openai_batch_errors(batch_id)):
+            pipe.expire(key, self.ttl_seconds)
+        await pipe.execute()
+
+    async def list(self, key_id: str, *, limit: int, after: str | None) -> BatchPage:
+        """A page of the key's batches, newest first, after the cursor (a batch id)."""
+        index = self.keys.openai_batch_index(key_id)
+        upper = f"({after}" if after else "+"
+        found: list[dict[str, str]] = []
+        while len(found) < limit + 1:
+            ids = await self.redis.zrevrangebylex(index, upper, "-", start=0, num=max(limit + 1, 20))
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.hgetall(self.keys.openai_batch(raw_id.decode()))
+            gone = []
+            for raw_id, raw in zip(ids, await pipe.execute(), strict=True):
+                if not raw:
+                    gone.append(raw_id)  # expired after its TTL: forget it in the index too
+                    continue
+                found.append({k.decode(): v.decode() for k, v in raw.items()})
+            if gone:
+                await self.redis.zrem(index, *gone)
+            upper = f"({ids[-1].decode()}"
+        return BatchPage(found[:limit], len(found) > limit)
+
+
+def _ts(batch: dict[str, str], field: str) -> int | None:
+    value = batch.get(field)
+    return int(float(value)) if value else None
+
+
+def _json(batch: dict[str, str], field: str) -> Any:
+    value = batch.get(field)
+    return orjson.loads(value) if value else None
+
+
+def batch_view(batch: dict[str, str]) -> dict[str, Any]:
+    """OpenAI's batch object (plus our `priority`) from a decoded batch hash."""
+    invalid = int(batch.get("invalid") or 0)
+    return {
+        "id": batch["id"],
+        "object": "batch",
+        "endpoint": batch.get("endpoint"),
+        "model": batch.get("model") or None,
+        "errors": _json(batch, "errors"),
+        "input_file_id": batch.get("input_file_id"),
+        "completion_window": batch.get("completion_window", "24h"),
+        "status": batch.get("status"),
+        "output_file_id": batch.get("output_file_id") or None,
+        "error_file_id": batch.get("error_file_id") or None,
+        "created_at": _ts(batch, "created_at"),
+        "in_progress_at": _ts(batch, "in_progress_at"),
+        "expires_at": _ts(batch, "expires_at"),
+        "finalizing_at": _ts(batch, "finalizing_at"),
+        "completed_at": _ts(batch, "completed_at"),
+        "failed_at": _ts(batch, "failed_at"),
+        "expired_at": _ts(batch, "expired_at"),
+        "cancelling_at": _ts(batch, "cancelling_at"),
+        "cancelled_at": _ts(batch, "cancelled_at"),
+        "request_counts": {
+            "total": int(batch.get("total") or 0),
+            "completed": int(batch.get("jobs_completed") or 0),
+            "failed": int(batch.get("jobs_failed") or 0) + invalid,
+        },
+        "usage": _json(batch, "usage"),
+        "metadata": _json(batch, "metadata") or {},
+        "priority": int(batch.get("priority") or 0),
+    }
