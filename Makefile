@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test test-fast images docker bench clean
+.PHONY: run test test-fast test-vllm images docker browser bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ run: $(VENV)/.installed
 	$(PY) -m gateway serve
 
 ## Install test dependencies, start Docker if needed, build the test images offline, run every test
-test: $(VENV)/.installed docker images
+test: $(VENV)/.installed docker images browser
 	$(PY) -m pytest
 
 docker:
@@ -28,6 +28,21 @@ docker:
 
 images: docker
 	@scripts/build-test-images.sh
+
+## Debian's Chromium for the dashboard's browser tests (Playwright drives it; it never downloads a browser)
+browser:
+	@test -x /usr/bin/chromium || { \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+## The real-runtime tier: build (once, cached under /var/cache/llm-gateway) a vLLM CPU venv and two tiny
+## models, then run tests_vllm/ with the gateway on a real vLLM server (~3 GB of memory, a few minutes)
+VLLM_VENV ?= /var/cache/llm-gateway/vllm-venv
+test-vllm: $(VENV)/.installed
+	@VLLM_VENV=$(VLLM_VENV) scripts/build-vllm-env.sh
+	@HF_HUB_DISABLE_PROGRESS_BARS=1 $(VLLM_VENV)/bin/python scripts/make_tiny_models.py
+	VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest tests_vllm
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_realtime.py

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from gateway import __version__
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -92,6 +95,79 @@ UPLOADS_EXPIRED = Counter("llm_gateway_uploads_expired_total", "Unfinished TUS u
                           "sweeper after they expired", registry=REGISTRY)
 UPLOAD_STORED_BYTES = Gauge("llm_gateway_upload_stored_bytes", "Bytes held by uploads on disk (declared "
                             "length, or bytes received while the length is deferred)", registry=REGISTRY)
+
+# --- evaluation runs (EvalRunner)
+EVAL_RUNS = Counter("llm_gateway_eval_runs_total", "Eval run state changes, by harness (eval-repo, euroeval) and "
+                    "event (created, started, resumed, completed, failed, cancelled)", ["harness", "event"],
+                    registry=REGISTRY)
+EVAL_RUNS_ACTIVE = Gauge("llm_gateway_eval_runs_active", "Eval runs this gateway is working on", ["harness"],
+                         registry=REGISTRY)
+EVAL_SAMPLES = Counter("llm_gateway_eval_samples_total", "Eval-repo samples, by event (submitted, answered, "
+                       "failed)", ["event"], registry=REGISTRY)
+
+# --- OpenAI Files and Batches API (batch manager)
+OPENAI_BATCHES = Counter("llm_gateway_openai_batches_total", "OpenAI-style batches, by event (created, "
+                         "completed, failed, expired, cancelled)", ["event"], registry=REGISTRY)
+OPENAI_BATCH_LINES = Counter("llm_gateway_openai_batch_lines_total", "Input lines of OpenAI-style batches, by "
+                             "outcome (enqueued, invalid)", ["outcome"], registry=REGISTRY)
+OPENAI_BATCHES_ACTIVE = Gauge("llm_gateway_openai_batches_active", "Batches this gateway is driving (not yet "
+                              "in a final state)", registry=REGISTRY)
+
+# --- operations (issue 7: metrics completeness, systemd drain, operator actions)
+class _QueueDepth:
+    """`llm_gateway_batch_queue_depth{model,priority}` from a cached table (QueueDepthSampler refreshes it).
+
+    A collector rather than a Gauge: each refresh replaces the whole table, so a model whose queue
+    emptied disappears instead of lingering with a stale value. Models beyond the largest
+    QUEUE_DEPTH_MAX_MODELS are summed under model="other", priority="unknown" (user-chosen names must not
+    grow the label set).
+    """
+
+    name = "llm_gateway_batch_queue_depth"
+    documentation = ("Jobs waiting in the shared batch queue, by model and priority (0-9; 'unknown' past "
+                     "the sampled head of a very long queue); refreshed every QUEUE_DEPTH_REFRESH_SECONDS")
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], int] = {}
+        self.refreshed_at = 0.0
+
+    def set(self, rows: dict[tuple[str, str], int], at: float) -> None:
+        """Replace the table (one atomic attribute swap; scrapes see the old or the new one)."""
+        self.rows = dict(rows)
+        self.refreshed_at = at
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation, labels=["model", "priority"])]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["model", "priority"])
+        for (model, priority), value in sorted(self.rows.items()):
+            family.add_metric([model, priority], value)
+        refreshed = GaugeMetricFamily("llm_gateway_batch_queue_depth_refreshed_timestamp_seconds",
+                                      "Unix time of the last queue depth refresh (0: never)",
+                                      value=self.refreshed_at)
+        return [family, refreshed]
+
+
+QUEUE_DEPTH = _QueueDepth()
+REGISTRY.register(QUEUE_DEPTH)  # type: ignore[arg-type]
+QUEUE_DEPTH_MAX_MODELS = 20
+
+OPERATOR_ACTIONS = Counter("llm_gateway_operator_actions_total", "Runtime actions asked for through "
+                           "/monitor/runtime/* (the CLI's `runtime restart|swap`), by action and outcome "
+                           "(accepted, refused)", ["action", "outcome"], registry=REGISTRY)
+DRAINING = Gauge("llm_gateway_draining", "1 while the gateway drains after SIGTERM", registry=REGISTRY)
+BUILD_INFO = Gauge("llm_gateway_build_info", "Always 1; the version is a label", ["version"], registry=REGISTRY)
+BUILD_INFO.labels(__version__).set(1)
+
+# Known label values start at 0, so rates and dashboards work before the first event of each kind.
+for _event in ("enqueued", "started", "retried", "requeued", "completed", "failed", "cancelled"):
+    BATCH_JOBS.labels(_event)
+for _reason in ("batch_group", "group_done", "realtime_wanted", "max_residency", "load_failed", "model_changed"):
+    BATCH_SWAPS.labels(_reason)
+for _action in ("restart", "swap"):
+    for _outcome in ("accepted", "refused"):
+        OPERATOR_ACTIONS.labels(_action, _outcome)
 
 
 def render() -> bytes:

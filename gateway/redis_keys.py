@@ -45,6 +45,11 @@ class RedisKeys:
         """The job ids of one key by creation time (sorted set), for GET /v1/jobs."""
         return f"{self.prefix}job_index:{key_id}"
 
+    def job_index_pattern(self) -> str:
+        """SCAN pattern matching every key's job index (the dashboard's all-keys job list)."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return f"{escaped}job_index:*"
+
     @property
     def job_events(self) -> str:
         """The durable event log: one entry per job state change (stream)."""
@@ -83,3 +88,56 @@ class RedisKeys:
     def batch_cancel(self) -> str:
         """Pub/sub channel: a running job was cancelled (its holder stops the request)."""
         return f"{self.prefix}{{batch}}:cancel"
+
+    # --- evaluation runs (docs/evals.md)
+    def eval_run(self, run_id: str) -> str:
+        """One eval run: its spec, status, timings, error and result (hash)."""
+        return f"{self.prefix}eval_run:{run_id}"
+
+    def eval_run_requests(self, run_id: str) -> str:
+        """The prepared requests of an eval-repo run, one JSON line each, in run order (list)."""
+        return f"{self.prefix}eval_run:{run_id}:requests"
+
+    def eval_run_jobs(self, run_id: str) -> str:
+        """Sample id -> the batch job id it was submitted as (hash)."""
+        return f"{self.prefix}eval_run:{run_id}:jobs"
+
+    def eval_run_answers(self, run_id: str) -> str:
+        """Sample id -> the `{id, response}` / `{id, error}` line given to `score` (hash)."""
+        return f"{self.prefix}eval_run:{run_id}:answers"
+
+    def eval_run_lease(self, run_id: str) -> str:
+        """The gateway working on a run; expires when its owner stops renewing it (string)."""
+        return f"{self.prefix}eval_run:{run_id}:lease"
+
+    @property
+    def eval_runs(self) -> str:
+        """Every eval run id by creation time (sorted set), for GET /eval/runs."""
+        return f"{self.prefix}eval_runs"
+
+    @property
+    def eval_runs_active(self) -> str:
+        """Ids of runs not yet finished: what a starting gateway resumes (set)."""
+        return f"{self.prefix}eval_runs_active"
+
+    # --- OpenAI Batches API (docs/files-and-batches.md): one hash per batch plus its job list
+    def openai_batch(self, batch_id: str) -> str:
+        """Everything about one OpenAI-style batch (hash; expires BATCH_JOB_TTL_SECONDS after it ends)."""
+        return f"{self.prefix}openai_batch:{batch_id}"
+
+    def openai_batch_index(self, key_id: str) -> str:
+        """The batch ids of one key by creation time (sorted set, lexical), for GET /v1/batches."""
+        return f"{self.prefix}openai_batch_index:{key_id}"
+
+    @property
+    def openai_batches_active(self) -> str:
+        """Ids of batches not yet in a final state (set); the manager resumes them on start-up."""
+        return f"{self.prefix}openai_batches_active"
+
+    def openai_batch_jobs(self, batch_id: str) -> str:
+        """The job ids of a batch in input-line order (list)."""
+        return f"{self.prefix}openai_batch_jobs:{batch_id}"
+
+    def openai_batch_errors(self, batch_id: str) -> str:
+        """Error-file lines of the batch's invalid input lines (list of JSON)."""
+        return f"{self.prefix}openai_batch_errors:{batch_id}"

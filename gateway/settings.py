@@ -106,8 +106,21 @@ class Settings(BaseSettings):
     usage_flush_interval: float = Field(0.25, gt=0)
     usage_daily_ttl_days: int = Field(90, gt=0)
 
-    # --- evaluations
+    # --- evaluations (docs/evals.md): the EvalRunner, the eval-repo harness and the EuroEval adapter
     euroeval_debug_log: str = "./euroeval_debug.log"
+    eval_repo_dir: str = Field(str(Path(__file__).resolve().parent.parent / "eval-repo"), min_length=1,
+                               description="Directory holding run_eval.py (the eval-repo protocol)")
+    euroeval_command: str = Field("euroeval", min_length=1, description="The EuroEval command line (shell words)")
+    euroeval_work_dir: str = Field("./var/euroeval", min_length=1, description="Per-run working directories "
+                                   "(EuroEval writes its results file in its cwd) and the shared dataset cache")
+    euroeval_timeout_seconds: float = Field(24 * 3600.0, gt=0)
+    eval_max_in_flight: int = Field(64, ge=1, le=100_000, description="Batch jobs one eval run keeps queued "
+                                    "or running at a time")
+    eval_poll_interval: float = Field(1.0, gt=0, description="Fallback poll of a run's jobs when no job event "
+                                      "arrives")
+    eval_lease_seconds: float = Field(30.0, ge=1, description="A run is resumed by another gateway (or after a "
+                                      "crash) once its owner stops renewing this lease")
+    eval_log_tail_lines: int = Field(40, ge=1, le=1000)
 
     # --- resumable uploads (TUS)
     upload_dir: str = Field("./var/uploads", min_length=1)
@@ -117,12 +130,32 @@ class Settings(BaseSettings):
                                          "this long without a PATCH")
     upload_sweep_interval: float = Field(300.0, gt=0)
 
+    # --- OpenAI Files and Batches API (docs/files-and-batches.md)
+    openai_batch_max_lines: int = Field(50_000, ge=1, description="Most requests in one batch input file")
+    openai_batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1, description="Largest batch input file")
+    openai_batch_window_seconds: float = Field(24 * 3600.0, gt=0, description="What completion_window "
+                                               "'24h' means: unfinished lines expire after this long")
+    openai_batch_enqueue_chunk: int = Field(50, ge=1, le=1000, description="Lines enqueued per Redis "
+                                            "transaction (building one blocks the event loop ~60 us a line)")
+    openai_batch_rescan_seconds: float = Field(15.0, gt=0, description="How often the batch manager re-reads "
+                                               "the status of unfinished jobs besides following the event stream")
+
+    # --- dashboard (gateway/http/dashboard.py): the session cookie is signed with DASHBOARD_SECRET, or with a
+    # random per-process secret when unset (sessions then end when the gateway restarts).
+    dashboard_secret: str = Field("", description="HMAC secret for dashboard session cookies (>= 32 chars)")
+    dashboard_session_seconds: float = Field(12 * 3600.0, ge=60, le=30 * 86400)
+
+    # --- operations (issue 7): how often the batch queue depth gauge is refreshed from Redis, and how many
+    # jobs per model are read to split it by priority (the rest count as priority "unknown").
+    queue_depth_refresh_seconds: float = Field(5.0, gt=0)
+    queue_depth_sample_max: int = Field(50_000, ge=1)
+
     # --- logging
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_timeout: float = Field(30.0, gt=0)
 
-    @field_validator("runtime_args", "runtime_command")
+    @field_validator("runtime_args", "runtime_command", "euroeval_command")
     @classmethod
     def _shell_words(cls, value: str) -> str:
         try:
@@ -176,6 +209,14 @@ class Settings(BaseSettings):
         value = value.lower()
         if value not in {"auto", "json", "console"}:
             raise ValueError("use auto, json or console")
+        return value
+
+    @field_validator("dashboard_secret")
+    @classmethod
+    def _dashboard_secret(cls, value: str) -> str:
+        if value and len(value) < 32:
+            raise ValueError("use at least 32 characters (e.g. `python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'`), or leave it empty for a per-process secret")
         return value
 
     @field_validator("redis_url")

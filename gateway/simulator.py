@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - exercised in the Docker image
 
 
 VERSION = "0.0.0+simulator"
+SYSTEM_FINGERPRINT = f"vllm-{VERSION}"
 
 # Every word is one token; output text is these words joined by single spaces.
 VOCABULARY: tuple[str, ...] = (
@@ -58,6 +59,8 @@ VOCABULARY: tuple[str, ...] = (
     "yes", "no", "maybe", "done",
 )
 _VOCAB_SIZE = len(VOCABULARY)
+# Longest text one token can stand for (a word and its leading space): vLLM's max_chars_per_token.
+_MAX_CHARS_PER_TOKEN = max(len(word) for word in VOCABULARY) + 1
 _PIECE_RE = re.compile(r"\s*\S+")
 # Tokens a chat message costs beyond its words (role markers), and the assistant prefix.
 CHAT_TOKENS_PER_MESSAGE = 4
@@ -222,9 +225,10 @@ class RequestError(Exception):
         self.param = param
 
     def body(self) -> dict[str, Any]:
-        """The JSON object vLLM answers with."""
-        return {"error": {"message": self.message, "type": self.err_type, "param": self.param,
-                          "code": self.status}}
+        """The JSON object vLLM answers with (file system paths in the message hidden, as vLLM does)."""
+        return {"error": {"message": sanitize_message(self.message), "type": self.err_type,
+                          "param": self.param, "code": self.status}}
+
 
     def response(self) -> web.Response:
         """The error as an HTTP response."""
@@ -232,38 +236,97 @@ class RequestError(Exception):
                             content_type="application/json")
 
 
+_PATH_RES = (re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+"),
+             re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+"))
+
+
+def sanitize_message(message: str) -> str:
+    """vLLM replaces absolute paths in error messages with <path> (served model names included)."""
+    for pattern in _PATH_RES:
+        message = pattern.sub("<path>", message)
+    return message.strip()
+
+
 # --------------------------------------------------------------------------------------------
 # Request parsing and deterministic generation
 # --------------------------------------------------------------------------------------------
+
+
+def validation_error(loc: str, kind: str, msg: str, value: Any,
+                     ctx: dict[str, Any] | None = None) -> RequestError:
+    """A request-model validation failure as vLLM answers it: type "Bad Request", param the location."""
+    shown = f"<{type(value).__name__} of {len(value)} items>" if isinstance(value, (dict, list)) else str(value)
+    context = f", 'ctx': {ctx!r}" if ctx else ""
+    return RequestError(f"1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}', "
+                        f"'input': {shown!r}{context}}}", err_type="Bad Request", param=loc)
+
+
+def _lax_int(name: str, value: Any) -> int:
+    # pydantic's lax mode, as in vLLM's request models: true/false, 2.0 and "7" are integers too.
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise validation_error(f"body.{name}", "int_from_float",
+                               "Input should be a valid integer, got a number with a fractional part", value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise validation_error(f"body.{name}", "int_parsing",
+                                   "Input should be a valid integer, unable to parse string as an integer",
+                                   value) from None
+    raise validation_error(f"body.{name}", "int_type", "Input should be a valid integer", value)
 
 
 def _opt_int(body: dict[str, Any], name: str, minimum: int) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"'{name}' must be an integer, got {value!r}", param=name)
-    if value < minimum:
-        raise RequestError(f"'{name}' must be at least {minimum}, got {value}", param=name)
-    return value
+    number = _lax_int(name, value)
+    if number < minimum:
+        if name == "n":  # vLLM's n check names no parameter
+            raise RequestError(f"n must be at least {minimum}, got {number}.")
+        raise RequestError(f"{name} must be at least {minimum}, got {number}. "
+                           f"(parameter={name}, value={number})", param=name)
+    return number
 
 
 def _opt_number(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"'{name}' must be a number, got {value!r}", param=name)
-    return float(value)
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise validation_error(f"body.{name}", "float_parsing" if isinstance(value, str) else "float_type",
+                           "Input should be a valid number", value)
 
 
-def _opt_bool(body: dict[str, Any], name: str) -> bool:
+_TRUE_WORDS = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE_WORDS = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _opt_bool(body: dict[str, Any], name: str, loc: str = "body") -> bool:
     value = body.get(name)
     if value is None:
         return False
-    if not isinstance(value, bool):
-        raise RequestError(f"'{name}' must be a boolean, got {value!r}", param=name)
-    return value
+    if isinstance(value, bool):
+        return value
+    # pydantic's lax mode: 0/1 and words such as "yes" or "off" are booleans too.
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise validation_error(f"{loc}.{name}", "bool_parsing" if isinstance(value, str) else "bool_type",
+                           "Input should be a valid boolean", value)
 
 
 def _count_words(text: str) -> int:
@@ -314,23 +377,28 @@ class GenRequest:
     logprobs: int | None  # completions: top-k; chat: top_logprobs when logprobs is true
     response_format: str | None  # None, "json_object" or "json_schema"
     json_schema: dict[str, Any] | None
+    max_tokens_param: str = "max_tokens"  # the field that set max_tokens (named in vLLM's errors)
 
 
 def parse_request(body: Any, chat: bool) -> GenRequest:
     """Validate a decoded JSON body the way vLLM's pydantic models would (400 on bad input)."""
     if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object")
+        raise validation_error("body", "model_attributes_type",
+                               "Input should be a valid dictionary or object to extract fields from", body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise RequestError("'model' must be a string", param="model")
+        raise validation_error("body.model", "string_type", "Input should be a valid string", model)
     prompts: list[str] = []
     prompt_tokens: list[int] = []
     if chat:
         messages = body.get("messages")
         if messages is None:
-            raise RequestError("Field required: 'messages'", param="messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("'messages' must be a non-empty list", param="messages")
+            raise validation_error("body.messages", "missing", "Field required", body)
+        if not isinstance(messages, list):
+            raise validation_error("body.messages", "list_type", "Input should be a valid list", messages)
+        if not messages:
+            raise RequestError("Cannot apply chat template to an empty conversation. "
+                               "Provide at least one message.")
         texts: list[str] = []
         tokens = CHAT_TOKENS_REPLY_PRIMER
         for index, message in enumerate(messages):
@@ -341,8 +409,9 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
         prompt_tokens.append(tokens)
     else:
         prompt = body.get("prompt")
-        if prompt is None:
-            raise RequestError("Field required: 'prompt'", param="prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise RequestError("Either prompt or prompt_embeds must be provided and non-empty. "
+                               "(parameter=prompt)", param="prompt")
         if isinstance(prompt, str):
             prompts.append(prompt)
             prompt_tokens.append(_count_words(prompt))
@@ -361,10 +430,11 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
             raise RequestError("'prompt' must be a string, a list of strings, a list of token "
                                "ids or a list of lists of token ids", param="prompt")
     max_tokens = _opt_int(body, "max_tokens", 1)
+    max_tokens_param = "max_tokens"
     if chat:
         max_completion = _opt_int(body, "max_completion_tokens", 1)
         if max_completion is not None:
-            max_tokens = max_completion
+            max_tokens, max_tokens_param = max_completion, "max_completion_tokens"
     n = _opt_int(body, "n", 1)
     n = 1 if n is None else n
     stream = _opt_bool(body, "stream")
@@ -374,10 +444,10 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
         if not isinstance(stream_options, dict):
             raise RequestError("'stream_options' must be an object", param="stream_options")
         if not stream:
-            raise RequestError("Stream options can only be defined when `stream=True`.",
-                               param="stream_options")
-        include_usage = _opt_bool(stream_options, "include_usage")
-        continuous_usage = _opt_bool(stream_options, "continuous_usage_stats")
+            raise RequestError("Stream options can only be defined when `stream=True`. "
+                               "(parameter=stream_options)", param="stream_options")
+        include_usage = _opt_bool(stream_options, "include_usage", "body.stream_options")
+        continuous_usage = _opt_bool(stream_options, "continuous_usage_stats", "body.stream_options")
     stop_value = body.get("stop")
     if stop_value is None:
         stop: list[str] = []
@@ -390,8 +460,8 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
     seed = _opt_int(body, "seed", -(2**63))
     temperature = _opt_number(body, "temperature")
     if temperature is not None and temperature < 0:
-        raise RequestError("temperature must be non-negative, got "
-                           f"{temperature}.", param="temperature")
+        raise RequestError(f"temperature must be non-negative, got {temperature}. "
+                           f"(parameter=temperature, value={temperature})", param="temperature")
     top_p = _opt_number(body, "top_p")
     logprobs: int | None
     if chat:
@@ -400,14 +470,14 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
             logprobs = 0 if top is None else top
         else:
             if body.get("top_logprobs") not in (None, 0):
-                raise RequestError("when using `top_logprobs`, `logprobs` must be set to true.",
-                                   param="top_logprobs")
+                raise RequestError("when using `top_logprobs`, `logprobs` must be set to true. "
+                                   "(parameter=top_logprobs)", param="top_logprobs")
             logprobs = None
     else:
         logprobs = _opt_int(body, "logprobs", 0)
     if logprobs is not None and logprobs > 20:
         raise RequestError(f"Requested sample logprobs of {logprobs}, which is greater than "
-                           "max allowed: 20", param="logprobs")
+                           f"max allowed: 20 (parameter=logprobs, value={logprobs})", param="logprobs")
     response_format = None
     json_schema = None
     fmt = body.get("response_format")
@@ -431,7 +501,7 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
         continuous_usage=continuous_usage, stop=stop,
         include_stop=_opt_bool(body, "include_stop_str_in_output"), seed=seed,
         temperature=temperature, top_p=top_p, logprobs=logprobs,
-        response_format=response_format, json_schema=json_schema)
+        response_format=response_format, json_schema=json_schema, max_tokens_param=max_tokens_param)
 
 
 @dataclass
@@ -606,7 +676,9 @@ class Metrics:
         self.waiting = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.success: dict[str, int] = {"stop": 0, "length": 0, "abort": 0}
+        # vLLM 0.32 lists these five reasons; a request aborted by a client disconnect counts in none.
+        self.success: dict[str, int] = {"stop": 0, "length": 0, "abort": 0, "error": 0, "repetition": 0}
+        self.sleep_level = 0  # 0 awake, 1 weights offloaded, 2 weights discarded
         self.ttft = Histogram(_TTFT_BUCKETS)
         self.e2e = Histogram(_LATENCY_BUCKETS)
         self.itl = Histogram(_ITL_BUCKETS)
@@ -637,8 +709,17 @@ class Metrics:
             "# TYPE vllm:request_success_total counter",
         ]
         for reason, count in self.success.items():
-            lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} '
-                         f"{float(count)}")
+            lines.append(f'vllm:request_success_total{{engine="0",finished_reason="{reason}",'
+                         f'model_name="{name_label}"}} {float(count)}')
+        lines += [
+            "# HELP vllm:engine_sleep_state Engine sleep state; awake = 0 means engine is sleeping; "
+            "awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; "
+            "discard_all = 1 means sleep level 2.",
+            "# TYPE vllm:engine_sleep_state gauge",
+        ]
+        for level, state in enumerate(("awake", "weights_offloaded", "discard_all")):
+            lines.append(f'vllm:engine_sleep_state{{{labels},sleep_state="{state}"}} '
+                         f"{1.0 if self.sleep_level == level else 0.0}")
         lines += self.ttft.render("vllm:time_to_first_token_seconds",
                                   "Histogram of time to first token in seconds.", labels)
         lines += self.itl.render("vllm:inter_token_latency_seconds",
@@ -753,26 +834,38 @@ class Simulator:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def sleep(self, request: web.Request) -> web.Response:
-        """Put the engine to sleep (level 1 or 2); generation waits until wake-up."""
-        level = request.query.get("level", "1")
-        if level not in ("1", "2"):
-            return RequestError(f"Invalid sleep level {level!r}: expected 1 or 2",
-                                param="level").response()
+        """Put the engine to sleep (level 0 to 2); generation waits until wake-up."""
+        raw = request.query.get("level", "1")
+        try:
+            level = int(raw)
+        except ValueError:
+            return validation_error("query.level", "int_parsing", "Input should be a valid integer, "
+                                    "unable to parse string as an integer", raw).response()
+        if not 0 <= level <= 2:
+            kind, msg, ctx = (("less_than_equal", "Input should be less than or equal to 2", {"le": 2})
+                              if level > 2 else
+                              ("greater_than_equal", "Input should be greater than or equal to 0", {"ge": 0}))
+            return validation_error("query.level", kind, msg, raw, ctx).response()
         if self.config.sleep_delay:
             await asyncio.sleep(self.config.sleep_delay)
         self.sleeping = True
         self.awake.clear()
+        self.metrics.sleep_level = max(level, 1)
         log(f"engine is sleeping (level {level})")
-        return web.Response(status=200)
+        return web.Response(body=_dumps({"status": "sleeping", "level": level}),
+                            content_type="application/json")
 
-    async def wake_up(self, _request: web.Request) -> web.Response:
+    async def wake_up(self, request: web.Request) -> web.Response:
         """Wake the engine; requests that waited start running."""
         if self.sleeping and self.config.wake_delay:
             await asyncio.sleep(self.config.wake_delay)
         self.sleeping = False
         self.awake.set()
+        self.metrics.sleep_level = 0
         log("engine is awake")
-        return web.Response(status=200)
+        tags = request.query.getall("tags", []) or None
+        return web.Response(body=_dumps({"status": "awake", "tags": tags}),
+                            content_type="application/json")
 
     async def is_sleeping(self, _request: web.Request) -> web.Response:
         """{"is_sleeping": bool}."""
@@ -795,10 +888,14 @@ class Simulator:
             try:
                 body = json.loads(raw)
             except ValueError as exc:
-                raise RequestError(f"JSON decode error: {exc}") from None
+                raise RequestError(
+                    "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', 'msg': 'JSON decode "
+                    f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{exc.msg}'}}}}",
+                    err_type="Bad Request", param="body.0") from None
             req = parse_request(body, chat)
             if req.model and req.model not in self.served:
-                raise RequestError(f"The model `{req.model}` does not exist.", status=404,
+                raise RequestError(f"The model `{req.model}` does not exist. Valid aliases: "
+                                   f"{', '.join(self.config.served_model_names)}.", status=404,
                                    err_type="NotFoundError", param="model")
             req.model = req.model or self.model_name
             limits = self._output_limits(req)
@@ -844,7 +941,6 @@ class Simulator:
             except (asyncio.CancelledError, ConnectionResetError):
                 # The client went away (aiohttp 3.8 cancels the handler; later versions fail
                 # the write): vLLM aborts the request.
-                metrics.success["abort"] += len(choices)
                 log(f"request {number} aborted: client disconnected")
                 raise
             completion_total = sum(len(c.pieces) for c in choices)
@@ -863,26 +959,38 @@ class Simulator:
     def _output_limits(self, req: GenRequest) -> list[tuple[int, bool]]:
         """Per prompt: how many tokens to generate and whether ending there is a natural stop."""
         max_len = self.config.max_model_len
+        if req.max_tokens is not None and req.max_tokens > max_len:
+            name = req.max_tokens_param
+            raise RequestError(f"{name}={req.max_tokens} cannot be greater than max_model_len={max_len}. "
+                               f"Please request fewer output tokens. (parameter={name}, value={req.max_tokens})",
+                               param=name)
         limits: list[tuple[int, bool]] = []
-        for tokens in req.prompt_tokens:
-            if tokens >= max_len:
+        for text, tokens in zip(req.prompts, req.prompt_tokens):
+            # vLLM bounds the characters before tokenizing (its tokenizer's longest token times the
+            # context length), then the tokens; it tokenizes at most max_len + 1 of them ("at least").
+            max_chars = max_len * _MAX_CHARS_PER_TOKEN
+            if len(text) > max_chars:
                 raise RequestError(
-                    f"This model's maximum context length is {max_len} tokens. However, your "
-                    f"request has {tokens} input tokens. Please reduce the length of the input "
-                    "messages.", param="messages" if req.chat else "prompt")
+                    f"This model's maximum context length is {max_len} tokens. However, your prompt "
+                    f"contains {len(text)} characters (more than {max_chars} characters, which is the upper "
+                    f"bound for {max_len} input tokens). Please reduce the length of the input prompt. "
+                    f"(parameter=input_text, value={len(text)})", param="input_text")
+            if tokens >= max_len:
+                count = min(tokens, max_len + 1)
+                qualifier = "at least " if count == max_len + 1 else ""
+                raise RequestError(
+                    f"This model's maximum context length is {max_len} tokens. However, your prompt "
+                    f"contains {qualifier}{count} input tokens, which exceeds this limit even without any "
+                    f"output tokens. Please reduce the length of the input prompt. "
+                    f"(parameter=input_tokens, value={count})", param="input_tokens")
             room = max_len - tokens
             if req.max_tokens is None:
                 limits.append((min(self.config.output_tokens, room),
                                self.config.output_tokens <= room))
                 continue
-            if req.max_tokens > room:
-                name = "max_completion_tokens" if req.chat else "max_tokens"
-                raise RequestError(
-                    f"'max_tokens' or 'max_completion_tokens' is too large: {req.max_tokens}. "
-                    f"This model's maximum context length is {max_len} tokens and your request "
-                    f"has {tokens} input tokens ({req.max_tokens} > {max_len} - {tokens}).",
-                    param=name)
-            limits.append((req.max_tokens, False))
+            # A max_tokens beyond what the context has room for is cut short (finish_reason "length"),
+            # not refused: vLLM 0.32 only refuses one larger than the whole context.
+            limits.append((min(req.max_tokens, room), False))
         return limits
 
     def _crash(self, number: int) -> None:
@@ -893,7 +1001,14 @@ class Simulator:
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-                "completion_tokens": completion_tokens, "prompt_tokens_details": None}
+                "completion_tokens": completion_tokens, "prompt_tokens_details": None,
+                "completion_tokens_details": None}
+
+    @staticmethod
+    def _stream_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        # In streams vLLM drops the None fields (prompt/completion_tokens_details) from usage.
+        return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens": completion_tokens}
 
     @staticmethod
     def _completion_logprobs(choice: Choice, start: int = 0, stop: int | None = None,
@@ -945,15 +1060,20 @@ class Simulator:
             for c in choices:
                 out_choices.append({
                     "index": c.index,
-                    "message": {"role": "assistant", "reasoning_content": None,
-                                "content": c.text, "tool_calls": []},
+                    "message": {"role": "assistant", "content": c.text, "refusal": None,
+                                "annotations": None, "audio": None, "function_call": None,
+                                "reasoning": None},
                     "logprobs": (self._chat_logprobs(c, top_k)
                                  if c.logprobs is not None else None),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    "token_ids": None, "routed_experts": None,
                 })
             body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                     "created": created, "model": req.model, "choices": out_choices,
-                    "usage": usage, "prompt_logprobs": None, "kv_transfer_params": None}
+                    "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "usage": usage, "prompt_logprobs": None, "prompt_token_ids": None,
+                    "prompt_text": None, "kv_transfer_params": None, "ec_transfer_params": None,
+                    "metrics": None}
         else:
             out_choices = []
             for c in choices:
@@ -961,11 +1081,14 @@ class Simulator:
                     "index": c.index, "text": c.text,
                     "logprobs": self._completion_logprobs(c) if c.logprobs is not None else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                    "prompt_logprobs": None,
+                    "token_ids": None, "prompt_logprobs": None, "prompt_token_ids": None,
+                    "routed_experts": None,
                 })
             body = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                     "created": created, "model": req.model, "choices": out_choices,
-                    "usage": usage, "kv_transfer_params": None}
+                    "service_tier": None, "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "usage": usage, "kv_transfer_params": None, "ec_transfer_params": None,
+                    "metrics": None}
         return web.Response(body=_dumps(body), content_type="application/json")
 
     async def _stream(self, request: web.Request, req: GenRequest, choices: list[Choice],
@@ -988,12 +1111,27 @@ class Simulator:
         sent = 0
         write = response.write
 
-        def frame(choice_list: list[dict[str, Any]], usage: dict[str, Any] | None) -> bytes:
+        # vLLM puts system_fingerprint on the last chunk only: the usage chunk when there is one,
+        # else the finishing chunk sent last.
+        empties = [c.index for c in choices if not c.pieces]
+        if req.include_usage:
+            final_chunk: tuple[str, int] = ("usage", -1)
+        elif empties:
+            final_chunk = ("empty", empties[-1])
+        else:
+            final_chunk = ("token", max((c.index for c in choices if len(c.pieces) == longest), default=-1))
+
+        def frame(choice_list: list[dict[str, Any]], usage: dict[str, Any] | None,
+                  final: bool = False, extra: dict[str, Any] | None = None) -> bytes:
             chunk: dict[str, Any] = {"id": request_id, "object": obj, "created": created,
                                      "model": req.model, "choices": choice_list}
+            if extra:
+                chunk.update(extra)
             # vLLM serializes chunks with exclude_unset: no "usage" key unless it is set.
             if usage is not None:
                 chunk["usage"] = usage
+            if final:
+                chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
             return b"data: " + _dumps(chunk) + b"\n\n"
 
         async def send(data: bytes) -> None:
@@ -1007,10 +1145,11 @@ class Simulator:
             await asyncio.sleep(config.ttft)
         if chat:
             for c in choices:
-                usage = self._usage(prompt_total, 0) if req.continuous_usage else None
+                usage = self._stream_usage(prompt_total, 0) if req.continuous_usage else None
                 await send(frame([{"index": c.index,
                                    "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}], usage))
+                                   "logprobs": None, "finish_reason": None}], usage,
+                                 extra={"prompt_token_ids": None, "prompt_text": None}))
         first = True
         top_k = req.logprobs or 0
         generated = [0] * len(choices)
@@ -1023,7 +1162,7 @@ class Simulator:
                 generated[c.index] += 1
                 piece = c.pieces[position]
                 last = position == len(c.pieces) - 1
-                usage = (self._usage(req.prompt_tokens[prompt_of[c.index]], generated[c.index])
+                usage = (self._stream_usage(req.prompt_tokens[prompt_of[c.index]], generated[c.index])
                          if req.continuous_usage else None)
                 if chat:
                     out: dict[str, Any] = {
@@ -1034,6 +1173,7 @@ class Simulator:
                     }
                     if last:
                         out["stop_reason"] = c.stop_reason
+                    out["token_ids"] = None
                 else:
                     logprobs = None
                     if c.logprobs is not None:
@@ -1044,28 +1184,28 @@ class Simulator:
                         "index": c.index, "text": piece, "logprobs": logprobs,
                         "finish_reason": c.finish_reason if last else None,
                         "stop_reason": c.stop_reason if last else None,
+                        "prompt_token_ids": None, "token_ids": None,
                     }
-                await send(frame([out], usage))
+                await send(frame([out], usage, final=final_chunk == ("token", c.index) and last))
             if first:
                 first = False
                 self.metrics.ttft.observe(time.monotonic() - arrived)
         # A choice that produced no token still needs its finishing chunk.
         for c in choices:
             if not c.pieces:
-                usage = self._usage(prompt_total, 0) if req.continuous_usage else None
+                usage = self._stream_usage(prompt_total, 0) if req.continuous_usage else None
                 if chat:
                     out = {"index": c.index, "delta": {"content": ""}, "logprobs": None,
-                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                           "token_ids": None}
                 else:
                     out = {"index": c.index, "text": "", "logprobs": None,
-                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                await send(frame([out], usage))
+                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                           "prompt_token_ids": None, "token_ids": None}
+                await send(frame([out], usage, final=final_chunk == ("empty", c.index)))
         if req.include_usage:
             completion_tokens = sum(len(c.pieces) for c in choices)
-            # vLLM drops None fields (prompt_tokens_details) from this chunk only.
-            await send(frame([], {"prompt_tokens": prompt_total,
-                                  "total_tokens": prompt_total + completion_tokens,
-                                  "completion_tokens": completion_tokens}))
+            await send(frame([], self._stream_usage(prompt_total, completion_tokens), final=True))
         if crash:
             self._crash(number)
         await write(_SSE_DONE)

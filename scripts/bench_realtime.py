@@ -7,6 +7,13 @@ token vs direct) and the gateway's RSS at idle and under the stream test.
 
     .venv/bin/python scripts/bench_realtime.py [--quick]
 
+With --runtime-url and --model, the same measurements run against an already running runtime (e.g. a real
+vLLM server) instead of simulators: "direct" is that runtime, "gateway" a gateway in front of it (external
+backend), measured in the same run. Requests then add vLLM's ignore_eos, and a stream counts as failed when it
+ends without [DONE] (a real tokenizer may emit fewer chunks than tokens).
+
+    .venv/bin/python scripts/bench_realtime.py --runtime-url http://127.0.0.1:8001 --model /path/to/model
+
 Needs Redis at REDIS_URL (default redis://127.0.0.1:6379/0); uses its own key prefix and removes it.
 """
 
@@ -29,6 +36,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"
+EXTRA: dict[str, object] = {}  # added to every request body ({"ignore_eos": true} on a real runtime)
 TOKEN = "bench-token-realtime-0001"
 MONITOR = "bench-token-monitor-0001"
 
@@ -82,7 +90,7 @@ async def one(session: aiohttp.ClientSession, t: Target, body: bytes) -> float:
 
 
 async def latency_c1(targets: list[Target], n: int) -> dict[str, list[float]]:
-    body = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 8}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 8, **EXTRA}).encode()
     results: dict[str, list[float]] = {t.name: [] for t in targets}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4)) as session:
         for t in targets:  # warm-up
@@ -97,7 +105,7 @@ async def latency_c1(targets: list[Target], n: int) -> dict[str, list[float]]:
 
 
 async def throughput(t: Target, concurrency: int, seconds: float) -> float:
-    body = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 8}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 8, **EXTRA}).encode()
     done = 0
     stop_at = time.perf_counter() + seconds
 
@@ -116,17 +124,22 @@ async def throughput(t: Target, concurrency: int, seconds: float) -> float:
 async def stream_one(session: aiohttp.ClientSession, t: Target, body: bytes) -> tuple[int, float]:
     start = time.perf_counter()
     chunks = 0
+    done = False
     async with session.post(t.base + "/v1/completions", data=body, headers=t.headers) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{t.name}: HTTP {resp.status}")
         async for line in resp.content:
             if line.startswith(b"data: {"):
                 chunks += 1
+            elif line.startswith(b"data: [DONE]"):
+                done = True
+    if EXTRA and not done:  # a real runtime: complete means it ended with [DONE]
+        raise RuntimeError(f"{t.name}: stream ended without [DONE]")
     return chunks, time.perf_counter() - start
 
 
 async def stream_rate(t: Target, concurrency: int, seconds: float, tokens: int) -> float:
-    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": tokens, "stream": True}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": tokens, "stream": True, **EXTRA}).encode()
     total = 0
     stop_at = time.perf_counter() + seconds
 
@@ -143,7 +156,7 @@ async def stream_rate(t: Target, concurrency: int, seconds: float, tokens: int) 
 
 
 async def paced_streams(t: Target, clients: int, tokens: int, gw_pid: int | None) -> tuple[list[float], int, float]:
-    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": tokens, "stream": True}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": tokens, "stream": True, **EXTRA}).encode()
     errors = 0
     peak_rss = 0.0
     durations: list[float] = []
@@ -153,7 +166,7 @@ async def paced_streams(t: Target, clients: int, tokens: int, gw_pid: int | None
         nonlocal errors
         try:
             chunks, took = await stream_one(session, t, body)
-            if chunks < tokens:
+            if chunks < tokens and not EXTRA:
                 errors += 1
             durations.append(took)
         except Exception:
@@ -192,7 +205,16 @@ def start_gateway(runtime_url: str, keys: Path, prefix: str) -> tuple[subprocess
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the script)")
+    parser.add_argument("--runtime-url", default="", help="an already running runtime to measure instead of "
+                        "simulators (e.g. a real vLLM at http://127.0.0.1:8001)")
+    parser.add_argument("--model", default="", help="the model the runtime at --runtime-url serves")
     args = parser.parse_args()
+    if bool(args.runtime_url) != bool(args.model):
+        parser.error("--runtime-url and --model go together")
+    global MODEL
+    if args.runtime_url:
+        MODEL = args.model
+        EXTRA["ignore_eos"] = True
     n_lat = 400 if args.quick else 2000
     secs = 3.0 if args.quick else 10.0
     paced_clients = 100 if args.quick else 500
@@ -204,8 +226,11 @@ async def main() -> None:
                                          {"id": "ops", "token": MONITOR, "scopes": ["monitor"]}]}))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        sim, sim_url = start_sim()
-        procs.append(sim)
+        if args.runtime_url:
+            sim_url = args.runtime_url.rstrip("/")
+        else:
+            sim, sim_url = start_sim()
+            procs.append(sim)
         await wait_up(sim_url + "/health")
         gw, gw_url = start_gateway(sim_url, keys, prefix)
         procs.append(gw)
@@ -216,7 +241,7 @@ async def main() -> None:
         idle_rss = rss_mb(gw.pid)
 
         print(f"# realtime benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores; "
-              "client, gateway and simulator share them")
+              f"client, gateway and {'the runtime at ' + sim_url if args.runtime_url else 'simulator'} share them")
         lat = await latency_c1([direct, gateway], n_lat)
         d50, d99 = pct(lat["direct"], 0.5) * 1000, pct(lat["direct"], 0.99) * 1000
         g50, g99 = pct(lat["gateway"], 0.5) * 1000, pct(lat["gateway"], 0.99) * 1000
@@ -234,19 +259,23 @@ async def main() -> None:
         print(f"unpaced streaming c=8, 200 tokens: direct {d_cps:.0f} chunks/s, gateway {g_cps:.0f} chunks/s, "
               f"ratio {g_cps / d_cps:.1%} (target >= 40%)")
 
-        # Paced streams: a simulator emitting ~50 tokens/s per stream.
-        paced, paced_url = start_sim("--sim-itl", "0.02")
-        procs.append(paced)
-        await wait_up(paced_url + "/health")
-        gw2, gw2_url = start_gateway(paced_url, keys, prefix)
-        procs.append(gw2)
-        await wait_up(gw2_url + "/ready")
+        # Paced streams: a simulator emitting ~50 tokens/s per stream (a real runtime paces itself).
+        if args.runtime_url:
+            paced_url, gw2, gw2_url = sim_url, gw, gw_url
+        else:
+            paced, paced_url = start_sim("--sim-itl", "0.02")
+            procs.append(paced)
+            await wait_up(paced_url + "/health")
+            gw2, gw2_url = start_gateway(paced_url, keys, prefix)
+            procs.append(gw2)
+            await wait_up(gw2_url + "/ready")
         tokens = 100
         d_dur, d_err, _ = await paced_streams(Target("direct", paced_url, direct.headers), paced_clients, tokens, None)
         g_dur, g_err, peak = await paced_streams(Target("gateway", gw2_url, gateway.headers), paced_clients, tokens,
                                                  gw2.pid)
         dm, gm = statistics.mean(d_dur or [0]), statistics.mean(g_dur or [0])
-        print(f"{paced_clients} paced streams ({tokens} tokens at ~50 tok/s): errors direct {d_err}, gateway {g_err}; "
+        pacing = "as the runtime generates" if args.runtime_url else "at ~50 tok/s"
+        print(f"{paced_clients} paced streams ({tokens} tokens {pacing}): errors direct {d_err}, gateway {g_err}; "
               f"time to last token mean direct {dm:.3f} s, gateway {gm:.3f} s, "
               f"ratio {gm / dm:.3f} (target <= 1.05); p99 direct {pct(d_dur, 0.99):.3f} s, "
               f"gateway {pct(g_dur, 0.99):.3f} s")

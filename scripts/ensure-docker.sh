@@ -40,6 +40,9 @@ stop_dockerd() {
     fi
 }
 
+# Compose (compose.yml is validated in the tests) and promtool/prometheus for the operations tests.
+"$(dirname "$0")/ensure-ops-tools.sh"
+
 if docker_answers; then
     log "Docker Engine is running"
     exit 0

@@ -18,6 +18,7 @@ import contextlib
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -44,6 +45,8 @@ class RuntimeState(StrEnum):
     READY = "ready"
     SWAPPING = "swapping"
     FAILED = "failed"
+    SLEEPING = "sleeping"
+    """vLLM sleep mode (batch swaps with RUNTIME_SLEEP_MODE): process kept, weights in host memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,16 @@ class RuntimeSnapshot:
         if self.ready_eta is None:
             return 5
         return max(1, math.ceil(self.ready_eta - now))
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeEvent:
+    """One entry of the supervisor's state history (what the dashboard's runtime page lists)."""
+
+    at: float
+    state: RuntimeState
+    model: str | None
+    error: str | None = None
 
 
 class RuntimeUnavailable(Exception):
@@ -107,6 +120,7 @@ class RuntimeSupervisor(Actor):
     ready_poll_interval = 0.25
     probe_timeout = 2.0
     crash_log_lines = 200
+    history_size = 200
 
     def __init__(self, settings: Settings, backend: RuntimeBackend | None = None) -> None:
         super().__init__()
@@ -129,6 +143,8 @@ class RuntimeSupervisor(Actor):
         self._start_durations: dict[str, float] = {}
         self._last_start_duration: float | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._history: deque[RuntimeEvent] = deque(maxlen=self.history_size)
+        self._history.append(RuntimeEvent(self._snapshot.since, RuntimeState.STOPPED, None))
         self._publish_state(RuntimeState.STOPPED)
 
     # --- reading state (never awaits)
@@ -136,6 +152,11 @@ class RuntimeSupervisor(Actor):
     def snapshot(self) -> RuntimeSnapshot:
         """The runtime's current state; a plain attribute read."""
         return self._snapshot
+
+    @property
+    def history(self) -> list[RuntimeEvent]:
+        """State changes, oldest first (bounded: the last `history_size`)."""
+        return list(self._history)
 
     @property
     def desired_model(self) -> str | None:
@@ -250,6 +271,56 @@ class RuntimeSupervisor(Actor):
         applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.tell(_Restart(applied))
         await applied
+
+    # --- sleep mode (added for the batch dispatcher's swaps; vLLM /sleep?level=1 and /wake_up)
+    default_wake_seconds = 5.0
+    """Retry-After basis while asleep, until a wake-up has been measured."""
+    _last_wake_seconds: float | None = None
+
+    async def sleep(self, timeout: float = 120.0) -> RuntimeSnapshot:
+        """Put the READY runtime to sleep (weights to host memory, GPU memory released, process kept).
+
+        Raises RuntimeUnavailable when the flavour has no sleep mode, the runtime is not READY, or the
+        runtime refuses. The state becomes SLEEPING; realtime requests get 503 until `wake_up()`.
+        """
+        snap = self._snapshot
+        if not self.flavour.supports_sleep or self.flavour.sleep_path is None:
+            raise RuntimeUnavailable(f"the {self.flavour.name} runtime has no sleep mode", snap)
+        if not snap.ready or snap.base_url is None:
+            raise RuntimeUnavailable(f"cannot put the runtime to sleep while it is {snap.state.value}", snap)
+        await self._post_runtime(snap.base_url + self.flavour.sleep_path, timeout)
+        current = self._snapshot
+        if current.state is RuntimeState.READY and current.base_url == snap.base_url:
+            wake = self._last_wake_seconds or self.default_wake_seconds
+            self._set(state=RuntimeState.SLEEPING, ready_eta=time.time() + wake)
+            self.log.info("runtime_sleeping", model=current.model)
+        return self._snapshot
+
+    async def wake_up(self, timeout: float = 120.0) -> RuntimeSnapshot:
+        """Wake a SLEEPING runtime (/wake_up) and mark it READY again; a no-op in any other state."""
+        snap = self._snapshot
+        if snap.state is not RuntimeState.SLEEPING or snap.base_url is None or self.flavour.wake_path is None:
+            return snap
+        started = time.monotonic()
+        await self._post_runtime(snap.base_url + self.flavour.wake_path, timeout)
+        current = self._snapshot
+        if current.state is RuntimeState.SLEEPING and current.base_url == snap.base_url:
+            self._last_wake_seconds = time.monotonic() - started
+            self._set(state=RuntimeState.READY, ready_eta=None)
+            self.log.info("runtime_awake", model=current.model, wake_seconds=round(self._last_wake_seconds, 3))
+        return self._snapshot
+
+    async def _post_runtime(self, url: str, timeout: float) -> None:
+        session = self._session
+        if session is None or session.closed:
+            raise RuntimeUnavailable("the runtime supervisor is not running", self._snapshot)
+        try:
+            async with session.post(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if resp.status != 200:
+                    text = (await resp.text())[:300]
+                    raise RuntimeUnavailable(f"POST {url} answered {resp.status}: {text}", self._snapshot)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RuntimeUnavailable(f"POST {url} failed: {exc or type(exc).__name__}", self._snapshot) from None
 
     # --- the loop
     async def run(self) -> None:
@@ -507,6 +578,9 @@ class RuntimeSupervisor(Actor):
         if new == old:
             return
         self._snapshot = new
+        if new.state is not old.state or new.model != old.model:
+            self._history.append(RuntimeEvent(time.time(), new.state, new.model,
+                                              new.last_error if new.state is RuntimeState.FAILED else None))
         if new.state is not old.state:
             self._publish_state(new.state)
             self.log.info("runtime_state", state=new.state.value, model=new.model)

@@ -26,6 +26,7 @@ from gateway.settings import Settings
 
 _LOG_LINES = 1000
 _READ_CHUNK = 65536
+_EXIT_POLL_SECONDS = 0.1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,7 +113,16 @@ class ProcessBackend(RuntimeBackend):
         proc = self._proc
         if proc is None:
             return ExitInfo("exit", None, "no runtime process")
-        code = await proc.wait()
+        # Not `await proc.wait()`: on Python 3.11 it returns only once every pipe is closed, and when
+        # vLLM's API server dies its engine-core processes live on holding the output pipe, so the
+        # crash would never be seen. returncode is set as soon as the child watcher reaps the leader;
+        # stop() then kills the rest of the process group.
+        while proc.returncode is None:
+            await asyncio.sleep(_EXIT_POLL_SECONDS)
+        code = proc.returncode
+        # With the leader gone the runtime is gone: kill what is left of its group now, so that the
+        # pipe closes (the drain below ends at once) and memory held by orphaned workers is freed.
+        _signal_group(proc.pid, signal.SIGKILL)
         if self._drain is not None:
             # Let the last lines (often the error) reach the buffer before someone reads the logs.
             with contextlib.suppress(TimeoutError):

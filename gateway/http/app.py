@@ -11,12 +11,13 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway import metrics
 from gateway.activity import RealtimeActivity
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.usage import UsageAccountant
-from gateway.http import middleware, realtime, system, uploads
-from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, KEYRING, REDIS, REDIS_KEYS, SETTINGS, SUPERVISOR,
-                                  UPSTREAM)
+from gateway.http import admin, batch, batches, dashboard, evals, files, middleware, realtime, system, uploads
+from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, DISPATCHER, KEYRING, REDIS, REDIS_KEYS, SETTINGS,
+                                  SUPERVISOR, UPSTREAM)
 from gateway.http.auth import Keyring
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
@@ -78,6 +79,31 @@ async def _signals_ctx(app: web.Application) -> AsyncIterator[None]:
         loop.remove_signal_handler(signal.SIGHUP)
 
 
+_DRAIN_TASKS = web.AppKey("drain_tasks", list)
+
+
+async def _begin_drain(app: web.Application) -> None:
+    # on_shutdown runs once the listeners are closed and before aiohttp waits up to SHUTDOWN_TIMEOUT for
+    # in-flight requests: batch stops claiming now, beside that wait, and hands its running jobs back.
+    metrics.DRAINING.set(1)
+    dispatcher = app.get(DISPATCHER)
+    if dispatcher is not None and dispatcher.running:
+        app[_DRAIN_TASKS].append(asyncio.create_task(dispatcher.stop(timeout=app[SETTINGS].shutdown_timeout),
+                                                     name="drain:dispatcher"))
+
+
+async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics.DRAINING.set(0)
+    yield
+    # Exits after the feature contexts and before the supervisor's: the runtime stays up until the
+    # batch drain begun on shutdown has requeued its jobs.
+    for task in app[_DRAIN_TASKS]:
+        try:
+            await task
+        except Exception:
+            log.exception("drain_failed", task=task.get_name())
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application with every actor wired in dependency order.
 
@@ -98,9 +124,18 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     app.cleanup_ctx.append(_signals_ctx)
+    app.cleanup_ctx.append(_drain_ctx)
+    app[_DRAIN_TASKS] = []
+    app.on_shutdown.append(_begin_drain)
 
     system.setup(app)
     realtime.setup(app)
     # Feature route families (each adds its routes and its own cleanup contexts):
+    batch.setup(app)
+    evals.setup(app)  # after batch: the EvalRunner submits through the batch queue
     uploads.setup(app)
+    files.setup(app)
+    batches.setup(app)  # after batch and uploads: the manager uses the queue and the store
+    admin.setup(app)
+    dashboard.setup(app)  # the /dashboard pages and the /monitor/* JSON behind them
     return app

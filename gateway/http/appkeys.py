@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from gateway.actors.supervisor import RuntimeSupervisor
     from gateway.actors.usage import UsageAccountant
     from gateway.actors.dispatcher import BatchDispatcher
+    from gateway.actors.evals import EvalRunner
     from gateway.batch.queue import JobQueue
     from gateway.uploads import UploadStore, UploadSweeper
 
@@ -32,6 +33,7 @@ UPLOADS: web.AppKey["UploadStore"] = web.AppKey("uploads")
 UPLOAD_SWEEPER: web.AppKey["UploadSweeper"] = web.AppKey("upload_sweeper")
 BATCH_QUEUE: web.AppKey["JobQueue"] = web.AppKey("batch_queue")
 DISPATCHER: web.AppKey["BatchDispatcher"] = web.AppKey("dispatcher")
+EVAL_RUNNER: web.AppKey["EvalRunner"] = web.AppKey("eval_runner")
 
 # Per-request storage set by the middleware.
 REQUEST_ID = web.RequestKey("request_id", str)

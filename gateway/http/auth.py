@@ -142,6 +142,13 @@ class Keyring:
         digest = hash_token(token)
         return self._keys.get(digest) or self._internal.get(digest)
 
+    def by_id(self, key_id: str) -> ApiKey | None:
+        """The current key with this id, or None (revoked, disabled or never known)."""
+        for key in (*self._keys.values(), *self._internal.values()):
+            if key.id == key_id:
+                return key
+        return None
+
     def __len__(self) -> int:
         return len(self._keys)
 

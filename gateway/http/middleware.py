@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from gateway import metrics
+from gateway.http import session
 from gateway.http.appkeys import API_KEY, KEYRING, REQUEST_ID, SETTINGS
 from gateway.http.auth import Scope
 from gateway.http.errors import ApiError, error_response
@@ -92,6 +93,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if scope is _MISSING or scope is None or request.match_info.http_exception is not None:
         return await handler(request)
     header = request.headers.get("Authorization", "")
+    if not header and scope is Scope.MONITOR:
+        # Browsers cannot send a bearer header: a valid dashboard session cookie stands in for it, on
+        # monitor routes only; a browser without one is sent to the login form instead of a 401.
+        session_key = session.session_key(request)
+        if session_key is not None:
+            request[API_KEY] = session_key
+            structlog.contextvars.bind_contextvars(key_id=session_key.id)
+            await session.require_csrf(request)
+            return await handler(request)
+        redirect = session.login_redirect(request)
+        if redirect is not None:
+            return redirect
     scheme, _, token = header.partition(" ")
     token = token.strip()
     need = f"This route needs an API key with the '{scope.value}' scope"

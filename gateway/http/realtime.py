@@ -88,6 +88,10 @@ def unavailable(request: web.Request, snap: RuntimeSnapshot) -> ApiError:
         what, code = f"is serving batch model '{snap.model}'; the realtime model is being brought back", \
             "runtime_swapping"
         wait = max(wait, 1)
+    elif snap.state is RuntimeState.SLEEPING:
+        # Asleep while a batch model runs (RUNTIME_SLEEP_MODE): ask the dispatcher to wake it.
+        request.app[ACTIVITY].want_realtime()
+        what, code = "is asleep while a batch model runs; it is being woken", "runtime_sleeping"
     elif snap.state is RuntimeState.FAILED:
         what, code = f"failed ({snap.last_error or 'unknown error'}) and is being restarted", "runtime_failed"
     else:

@@ -1,10 +1,9 @@
-"""Liveness, readiness, Prometheus metrics and the monitor JSON of the core (runtime, key usage)."""
+"""Liveness, readiness, Prometheus metrics and per-key usage JSON (/monitor/runtime is in monitor.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-import time
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -73,21 +72,9 @@ async def key_usage(request: web.Request) -> web.Response:
                           "buffered_events": request.app[ACCOUNTANT].buffered})
 
 
-@requires_scope(Scope.MONITOR)
-async def runtime_status(request: web.Request) -> web.Response:
-    """GET /monitor/runtime: the supervisor's snapshot."""
-    snap = request.app[SUPERVISOR].snapshot
-    return json_response({"state": snap.state.value, "model": snap.model, "since": snap.since,
-                          "uptime_seconds": round(time.time() - snap.since, 3), "last_error": snap.last_error,
-                          "restarts": snap.restarts, "ready_eta": snap.ready_eta,
-                          "last_crash_log": snap.last_crash_log,
-                          "realtime_model": request.app[SETTINGS].realtime_model})
-
-
 def setup(app: web.Application) -> None:
     """Add the system and core monitor routes."""
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/monitor/key_usage", key_usage)
-    app.router.add_get("/monitor/runtime", runtime_status)
