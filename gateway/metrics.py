@@ -6,11 +6,30 @@ reasons are enums.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from gateway import __version__
+
+class ChildCache:
+    """Labelled children of one metric, cached: `labels()` validates and locks on every call, which
+    shows up on the proxy's per-request path. Only for label sets that are bounded anyway."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -23,6 +42,8 @@ HTTP_REQUESTS = Counter("llm_gateway_http_requests_total", "HTTP requests handle
 HTTP_LATENCY = Histogram("llm_gateway_http_request_duration_seconds", "Time to the full HTTP response "
                          "(streams: until the last byte)", ["route"], buckets=_LATENCY_BUCKETS,
                          registry=REGISTRY)
+HTTP_REQUESTS_BY = ChildCache(HTTP_REQUESTS)
+HTTP_LATENCY_BY = ChildCache(HTTP_LATENCY)
 HTTP_IN_FLIGHT = Gauge("llm_gateway_http_requests_in_flight", "HTTP requests being handled",
                        registry=REGISTRY)
 
@@ -34,6 +55,8 @@ UPSTREAM_ERRORS = Counter("llm_gateway_upstream_errors_total", "Realtime request
                           "runtime boundary, by reason", ["reason"], registry=REGISTRY)
 TOKENS = Counter("llm_gateway_tokens_total", "Tokens reported by the runtime, by key id and kind "
                  "(prompt or completion)", ["key_id", "kind"], registry=REGISTRY)
+TOKENS_BY = ChildCache(TOKENS)
+UPSTREAM_TTFT_BY = ChildCache(UPSTREAM_TTFT)
 
 # --- runtime supervisor
 RUNTIME_STATE = Gauge("llm_gateway_runtime_state", "1 for the runtime's current state, 0 for the others",
@@ -159,6 +182,10 @@ OPERATOR_ACTIONS = Counter("llm_gateway_operator_actions_total", "Runtime action
 DRAINING = Gauge("llm_gateway_draining", "1 while the gateway drains after SIGTERM", registry=REGISTRY)
 BUILD_INFO = Gauge("llm_gateway_build_info", "Always 1; the version is a label", ["version"], registry=REGISTRY)
 BUILD_INFO.labels(__version__).set(1)
+
+# --- reliability (issue 8): process internals the load test (scripts/load_streams.py) watches
+ASYNCIO_TASKS = Gauge("llm_gateway_asyncio_tasks", "asyncio tasks alive in the gateway's event loop "
+                      "(refreshed at each scrape); back at its idle level once traffic stops", registry=REGISTRY)
 
 # Known label values start at 0, so rates and dashboards work before the first event of each kind.
 for _event in ("enqueued", "started", "retried", "requeued", "completed", "failed", "cancelled"):

@@ -63,8 +63,8 @@ class UsageAccountant(Actor):
             metrics.USAGE_EVENTS_DROPPED.inc()
             return
         self._pending.append(event)
-        metrics.TOKENS.labels(event.key_id, "prompt").inc(event.prompt_tokens)
-        metrics.TOKENS.labels(event.key_id, "completion").inc(event.completion_tokens)
+        metrics.TOKENS_BY(event.key_id, "prompt").inc(event.prompt_tokens)
+        metrics.TOKENS_BY(event.key_id, "completion").inc(event.completion_tokens)
         if len(self._pending) >= 1000:
             self._wake.set()
 

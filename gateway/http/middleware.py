@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -21,6 +22,9 @@ log = structlog.get_logger(component="http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _MISSING = object()
+
+# Bodies that handlers stream piece by piece (uploads, multipart files) are not read ahead here.
+_STREAMED_BODIES = ("multipart/", "application/offset+octet-stream")
 
 _STATUS_TEXT = {
     404: ("not_found", "No route matches {method} {path}."),
@@ -41,7 +45,7 @@ def route_label(request: web.Request) -> str:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, time the request, and turn every error into an OpenAI-shaped response."""
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _REQUEST_ID.match(incoming) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -61,8 +65,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         metrics.HTTP_IN_FLIGHT.dec()
     route = route_label(request)
-    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
-    metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+    metrics.HTTP_REQUESTS_BY(route, request.method, str(response.status)).inc()
+    metrics.HTTP_LATENCY_BY(route).observe(time.perf_counter() - started)
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     return response
@@ -121,4 +125,21 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
                             bad_token=False)
     request[API_KEY] = key
     structlog.contextvars.bind_contextvars(key_id=key.id)
+    return await handler(request)
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read a buffered (JSON, form) body within CLIENT_BODY_TIMEOUT: a client trickling it is cut off.
+
+    aiohttp caches what `read()` returns, so the handler's own `await request.read()` costs nothing more.
+    """
+    if request.body_exists and not request.content_type.startswith(_STREAMED_BODIES):
+        timeout = request.app[SETTINGS].client_body_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await request.read()
+        except TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {timeout:g} s (CLIENT_BODY_TIMEOUT).",
+                           code="body_timeout", headers={"Connection": "close"}) from None
     return await handler(request)

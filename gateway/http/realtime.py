@@ -7,7 +7,6 @@ hands one usage event to the accountant without awaiting it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -29,6 +28,13 @@ log = structlog.get_logger(component="realtime")
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+# One SSE event is held until its end ("\n\n") so usage can be read from it; a runtime that never ends
+# an event must not make the gateway buffer without limit (real events are a few KiB, logprobs included).
+SSE_EVENT_MAX = 1024 * 1024
+
+
+class _EventTooLarge(Exception):
+    """The runtime sent more than SSE_EVENT_MAX bytes without ending an event."""
 
 
 def _check_int(data: dict[str, Any], name: str, minimum: int) -> None:
@@ -149,7 +155,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                     request, upstream, started, path, client_wants_usage)
                 return response
             payload = await upstream.read()
-            metrics.UPSTREAM_TTFT.labels(path).observe(time.perf_counter() - started)
+            metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
             if upstream.status >= 500:
                 log.warning("upstream_5xx", status=upstream.status, body=payload[:500].decode(errors="replace"))
                 raise ApiError(502, f"The runtime answered {upstream.status}: "
@@ -198,13 +204,15 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, 
     try:
         async for chunk in upstream.content.iter_any():
             if first:
-                metrics.UPSTREAM_TTFT.labels(path).observe(time.perf_counter() - started)
+                metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
                 first = False
             if buffer:
                 chunk, buffer = buffer + chunk, b""
             if not chunk.endswith(b"\n\n"):
                 cut = chunk.rfind(b"\n\n")
                 if cut < 0:
+                    if len(chunk) > SSE_EVENT_MAX:
+                        raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
                     buffer = chunk
                     continue
                 chunk, buffer = chunk[: cut + 2], chunk[cut + 2:]
@@ -231,11 +239,13 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, 
                 # The client went away; leaving the upstream context closes that connection, which
                 # makes the runtime abort the generation.
                 return response, False, prompt_tokens, completion_tokens
-    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError, _EventTooLarge) as exc:
         kind = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
         metrics.UPSTREAM_ERRORS.labels(kind).inc()
         log.warning("upstream_stream_failed", error=repr(exc))
         message = ("The runtime stopped answering in the middle of the stream." if kind == "timeout"
+                   else f"The runtime sent an event over {SSE_EVENT_MAX} bytes; the stream was cut."
+                   if isinstance(exc, _EventTooLarge)
                    else "The runtime broke off the stream (it may have crashed); the answer is incomplete.")
         try:
             await response.write(b"data: " + error_body(message, type="server_error", code=f"upstream_{kind}")
