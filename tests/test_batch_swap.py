@@ -74,7 +74,7 @@ async def run_swap_scenario(client: Any, jobs: int = 8, sleep_mode: bool = False
         if resp.status == 200:
             break
         assert resp.status == 503
-        assert time.monotonic() - arrived < 60, "realtime never came back"
+        assert time.monotonic() - arrived < 120, "realtime never came back"
         await asyncio.sleep(0.1)
     assert supervisor.snapshot.model == REALTIME_MODEL
     if sleep_mode:
