@@ -12,10 +12,8 @@ from gateway.batch.queue import JobQueue
 from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, API_KEY, BATCH_QUEUE, DISPATCHER, REDIS, REDIS_KEYS,
                                   SETTINGS, SUPERVISOR, UPSTREAM)
 from gateway.http.auth import Scope, requires_scope
-from gateway.http.errors import ApiError, bad_request, json_response, parse_json_object
+from gateway.http.errors import ApiError, json_response, list_params, parse_json_object
 
-LIST_LIMIT_DEFAULT = 20
-LIST_LIMIT_MAX = 100
 
 
 def _not_found(job_id: str) -> ApiError:
@@ -59,18 +57,8 @@ async def get_job(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     """GET /v1/jobs?status=&model=&limit=&after=: the caller's jobs, newest first, cursor paginated."""
     query = request.query
-    status = query.get("status") or None
-    if status is not None and status not in JobStatus.__members__.values():
-        raise bad_request(f"'status' must be one of {', '.join(s.value for s in JobStatus)}.", param="status")
-    try:
-        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
-    after = query.get("after") or None
-    if after is not None and not after.startswith("job_"):
-        raise bad_request("'after' must be the next_cursor of a previous page (a job id).", param="after")
+    status, limit, after = list_params(query, cursor_prefix="job_", statuses=[s.value for s in JobStatus],
+                                       cursor_what="the next_cursor of a previous page (a job id)")
     page = await request.app[BATCH_QUEUE].list(request[API_KEY].id, limit=limit, after=after, status=status,
                                                model=query.get("model") or None)
     data = [job_view(job, include_result=False) for job in page.jobs]

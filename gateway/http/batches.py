@@ -21,7 +21,7 @@ from gateway import metrics
 from gateway.batch.jobs import METADATA_KEY_MAX, METADATA_VALUE_MAX, PRIORITY_MAX, PRIORITY_MIN, Endpoint
 from gateway.http.appkeys import API_KEY, BATCH_QUEUE, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import Scope, requires_scope
-from gateway.http.errors import ApiError, bad_request, json_response, parse_json_object
+from gateway.http.errors import ApiError, bad_request, json_response, list_params, parse_json_object
 from gateway.http.files import owned_file, redis_guard
 from gateway.openai_batches.files import PURPOSE_INPUT, file_id, purpose_of
 from gateway.openai_batches.manager import BatchManager
@@ -30,8 +30,6 @@ from gateway.openai_batches.records import BatchRecords, BatchStatus, batch_view
 BATCH_MANAGER = web.AppKey("openai_batch_manager", BatchManager)
 COMPLETION_WINDOWS = ("24h",)
 METADATA_MAX_ITEMS = 16
-LIST_LIMIT_DEFAULT = 20
-LIST_LIMIT_MAX = 100
 
 
 def _not_found(batch_id: str) -> ApiError:
@@ -106,16 +104,8 @@ async def create_batch(request: web.Request) -> web.Response:
 @redis_guard
 async def list_batches(request: web.Request) -> web.Response:
     """GET /v1/batches?after=&limit=: the caller's batches, newest first."""
-    query = request.query
-    try:
-        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
-    after = query.get("after") or None
-    if after is not None and not after.startswith("batch_"):
-        raise bad_request("'after' must be a batch id (the last_id of a previous page).", param="after")
+    _, limit, after = list_params(request.query, cursor_prefix="batch_",
+                                  cursor_what="a batch id (the last_id of a previous page)")
     page = await _records(request).list(request[API_KEY].id, limit=limit, after=after)
     data = [batch_view(b) for b in page.batches]
     return json_response({"object": "list", "data": data, "has_more": page.has_more,

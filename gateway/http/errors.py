@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import orjson
 from aiohttp import web
@@ -64,3 +64,30 @@ def parse_json_object(body: bytes) -> dict[str, object]:
     if not isinstance(data, dict):
         raise bad_request(f"The request body must be a JSON object, not {type(data).__name__}.")
     return data
+
+
+LIST_LIMIT_DEFAULT = 20
+LIST_LIMIT_MAX = 100
+
+
+def list_params(query: Mapping[str, str], *, cursor_prefix: str, cursor_what: str,
+                statuses: Iterable[str] | None = None) -> tuple[str | None, int, str | None]:
+    """Parse the `status`, `limit` and `after` query parameters shared by the list routes.
+
+    Returns (status, limit, after); anything malformed is a 400 naming the parameter.
+    """
+    status = query.get("status") or None
+    if statuses is not None:
+        allowed = list(statuses)
+        if status is not None and status not in allowed:
+            raise bad_request(f"'status' must be one of {', '.join(allowed)}.", param="status")
+    try:
+        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
+    after = query.get("after") or None
+    if after is not None and not after.startswith(cursor_prefix):
+        raise bad_request(f"'after' must be {cursor_what}.", param="after")
+    return status, limit, after

@@ -15,10 +15,8 @@ from gateway.evals.evalrepo import EvalRepoError
 from gateway.evals.runs import RunStatus, parse_run_request, run_view
 from gateway.http.appkeys import API_KEY, BATCH_QUEUE, EVAL_RUNNER, KEYRING, REDIS, REDIS_KEYS, SETTINGS
 from gateway.http.auth import Scope, requires_scope
-from gateway.http.errors import ApiError, bad_request, json_response, parse_json_object
+from gateway.http.errors import ApiError, json_response, list_params, parse_json_object
 
-LIST_LIMIT_DEFAULT = 20
-LIST_LIMIT_MAX = 100
 
 
 def _not_found(run_id: str) -> ApiError:
@@ -59,19 +57,8 @@ async def create_run(request: web.Request) -> web.Response:
 @requires_scope(Scope.EVAL)
 async def list_runs(request: web.Request) -> web.Response:
     """GET /eval/runs?status=&limit=&after=: the caller's and the internal runs, newest first."""
-    query = request.query
-    status = query.get("status") or None
-    if status is not None and status not in RunStatus.__members__.values():
-        raise bad_request(f"'status' must be one of {', '.join(s.value for s in RunStatus)}.", param="status")
-    try:
-        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
-    after = query.get("after") or None
-    if after is not None and not after.startswith("evalrun_"):
-        raise bad_request("'after' must be the next_cursor of a previous page (a run id).", param="after")
+    status, limit, after = list_params(request.query, cursor_prefix="evalrun_", statuses=[s.value for s in RunStatus],
+                                       cursor_what="the next_cursor of a previous page (a run id)")
     runner = request.app[EVAL_RUNNER]
     runs, cursor = await runner.store.list(_visible(request), limit=limit, after=after, status=status)
     data = [await _view(runner, run) for run in runs]
