@@ -262,3 +262,17 @@ async def test_ready_reports_redis_down(aiohttp_client: Any, make_settings: Any)
                            json={"model": REALTIME_MODEL, "prompt": "x", "max_tokens": 2})
     assert ok.status == 200
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"object": "error", "message": "Input is too long", "type": "BadRequestError", "param": null, "code": 400}',
+     "Input is too long"),  # SGLang's shape
+    (b"plain text from a proxy", "plain text from a proxy"),
+    (b'{"error": {"message": "vLLM says no", "type": "BadRequestError", "param": "n", "code": 400}}', "vLLM says no"),
+])
+def test_runtime_4xx_bodies_get_the_openai_shape(body: bytes, message: str) -> None:
+    from gateway.http.realtime import openai_error_payload
+
+    error = orjson.loads(openai_error_payload(400, body))["error"]
+    assert error["message"] == message
+    assert set(error) == {"message", "type", "code", "param"}

@@ -166,6 +166,8 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                     prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
                 except orjson.JSONDecodeError:
                     pass
+            else:
+                payload = openai_error_payload(upstream.status, payload)
             return web.Response(status=upstream.status, body=payload,
                                 content_type=upstream.content_type or "application/json",
                                 headers={"X-Request-ID": request[REQUEST_ID]})
@@ -176,6 +178,24 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
     finally:
         activity.end()
         accountant.record(UsageEvent(key_id, ok, prompt_tokens, completion_tokens))
+
+
+def openai_error_payload(status: int, payload: bytes) -> bytes:
+    """A runtime's 4xx body in OpenAI's error shape.
+
+    vLLM already answers `{"error": {...}}`; SGLang answers `{"object": "error", "message": ...}` at the top
+    level, and a proxy in between may answer plain text. Clients get one shape whatever the runtime.
+    """
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return payload
+    message = _upstream_message(payload)
+    param = obj.get("param") if isinstance(obj, dict) and isinstance(obj.get("param"), str) else None
+    kind = obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else "invalid_request_error"
+    return error_body(message, type=kind, code=str(status), param=param)
 
 
 def _upstream_message(payload: bytes) -> str:
