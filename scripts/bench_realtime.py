@@ -121,8 +121,10 @@ async def throughput(t: Target, concurrency: int, seconds: float) -> float:
         return done / (time.perf_counter() - start)
 
 
-async def stream_one(session: aiohttp.ClientSession, t: Target, body: bytes) -> tuple[int, float]:
+async def stream_one(session: aiohttp.ClientSession, t: Target, body: bytes) -> tuple[int, float, float]:
+    """(content chunks, time to last token, time to first token) of one streamed request."""
     start = time.perf_counter()
+    first = 0.0
     chunks = 0
     done = False
     async with session.post(t.base + "/v1/completions", data=body, headers=t.headers) as resp:
@@ -130,12 +132,14 @@ async def stream_one(session: aiohttp.ClientSession, t: Target, body: bytes) -> 
             raise RuntimeError(f"{t.name}: HTTP {resp.status}")
         async for line in resp.content:
             if line.startswith(b"data: {"):
+                if not chunks:
+                    first = time.perf_counter() - start
                 chunks += 1
             elif line.startswith(b"data: [DONE]"):
                 done = True
     if EXTRA and not done:  # a real runtime: complete means it ended with [DONE]
         raise RuntimeError(f"{t.name}: stream ended without [DONE]")
-    return chunks, time.perf_counter() - start
+    return chunks, time.perf_counter() - start, first
 
 
 async def stream_rate(t: Target, concurrency: int, seconds: float, tokens: int) -> float:
@@ -146,7 +150,7 @@ async def stream_rate(t: Target, concurrency: int, seconds: float, tokens: int) 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal total
         while time.perf_counter() < stop_at:
-            chunks, _ = await stream_one(session, t, body)
+            chunks, _, _ = await stream_one(session, t, body)
             total += chunks
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
@@ -155,20 +159,23 @@ async def stream_rate(t: Target, concurrency: int, seconds: float, tokens: int) 
         return total / (time.perf_counter() - start)
 
 
-async def paced_streams(t: Target, clients: int, tokens: int, gw_pid: int | None) -> tuple[list[float], int, float]:
+async def paced_streams(t: Target, clients: int, tokens: int,
+                        gw_pid: int | None) -> tuple[list[float], list[float], int, float]:
     body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": tokens, "stream": True, **EXTRA}).encode()
     errors = 0
     peak_rss = 0.0
     durations: list[float] = []
+    firsts: list[float] = []
     timeout = aiohttp.ClientTimeout(total=120)
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal errors
         try:
-            chunks, took = await stream_one(session, t, body)
+            chunks, took, first = await stream_one(session, t, body)
             if chunks < tokens and not EXTRA:
                 errors += 1
             durations.append(took)
+            firsts.append(first)
         except Exception:
             errors += 1
 
@@ -182,7 +189,7 @@ async def paced_streams(t: Target, clients: int, tokens: int, gw_pid: int | None
         sampler = asyncio.create_task(sample_rss())
         await asyncio.gather(*(client(session) for _ in range(clients)))
         sampler.cancel()
-    return durations, errors, peak_rss
+    return durations, firsts, errors, peak_rss
 
 
 def start_sim(*args: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -205,6 +212,8 @@ def start_gateway(runtime_url: str, keys: Path, prefix: str) -> tuple[subprocess
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the script)")
+    parser.add_argument("--paced-tokens", type=int, default=100,
+                        help="tokens per paced stream (default 100: two seconds at ~50 tokens/s)")
     parser.add_argument("--runtime-url", default="", help="an already running runtime to measure instead of "
                         "simulators (e.g. a real vLLM at http://127.0.0.1:8001)")
     parser.add_argument("--model", default="", help="the model the runtime at --runtime-url serves")
@@ -269,16 +278,21 @@ async def main() -> None:
             gw2, gw2_url = start_gateway(paced_url, keys, prefix)
             procs.append(gw2)
             await wait_up(gw2_url + "/ready")
-        tokens = 100
-        d_dur, d_err, _ = await paced_streams(Target("direct", paced_url, direct.headers), paced_clients, tokens, None)
-        g_dur, g_err, peak = await paced_streams(Target("gateway", gw2_url, gateway.headers), paced_clients, tokens,
-                                                 gw2.pid)
+        tokens = args.paced_tokens
+        d_dur, d_first, d_err, _ = await paced_streams(Target("direct", paced_url, direct.headers), paced_clients,
+                                                       tokens, None)
+        g_dur, g_first, g_err, peak = await paced_streams(Target("gateway", gw2_url, gateway.headers),
+                                                          paced_clients, tokens, gw2.pid)
         dm, gm = statistics.mean(d_dur or [0]), statistics.mean(g_dur or [0])
         pacing = "as the runtime generates" if args.runtime_url else "at ~50 tok/s"
         print(f"{paced_clients} paced streams ({tokens} tokens {pacing}): errors direct {d_err}, gateway {g_err}; "
               f"time to last token mean direct {dm:.3f} s, gateway {gm:.3f} s, "
               f"ratio {gm / dm:.3f} (target <= 1.05); p99 direct {pct(d_dur, 0.99):.3f} s, "
               f"gateway {pct(g_dur, 0.99):.3f} s")
+        df, gf = statistics.mean(d_first or [0]), statistics.mean(g_first or [0])
+        print(f"  of which time to first token (all {paced_clients} clients connect at once): mean direct "
+              f"{df * 1000:.0f} ms, gateway {gf * 1000:.0f} ms; first-to-last token: direct {dm - df:.3f} s, "
+              f"gateway {gm - gf:.3f} s, ratio {(gm - gf) / max(dm - df, 1e-9):.3f}")
         print(f"gateway RSS: idle {idle_rss:.1f} MB, peak during {paced_clients} streams {peak:.1f} MB, "
               f"after {rss_mb(gw2.pid):.1f} MB")
     finally:
