@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(600.0, gt=0)
     upstream_max_connections: int = Field(1024, gt=0)
+    # Slow clients: a connection must deliver a complete request head within CLIENT_HEADER_TIMEOUT of
+    # connecting (or of its previous response; aiohttp's keepalive_timeout), and a body must arrive
+    # within CLIENT_BODY_TIMEOUT (JSON bodies: whole; streamed uploads: between two pieces).
+    client_header_timeout: float = Field(60.0, gt=0)
+    client_body_timeout: float = Field(60.0, gt=0)
 
     # --- batch
     max_concurrent_batch: int = Field(8, ge=1, le=4096)

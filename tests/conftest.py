@@ -41,6 +41,21 @@ KEY_IDS: dict[str, str] = {name: key_id for name, (key_id, _, _) in KEYS.items()
 configure_logging("warning", "console")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Secrets are never logged, checked through the whole test run: a test whose captured logs or
+    stderr (where the gateway logs) hold one of the test tokens fails, whatever it asserted itself."""
+    outcome = yield
+    report = outcome.get_result()
+    for section, content in report.sections:
+        if ("stderr" not in section and "log" not in section) or not section.endswith(report.when):
+            continue  # sections accumulate over setup/call/teardown: judge each phase once
+        leaked = [name for name, token in TOKENS.items() if token in content]
+        if leaked and report.outcome != "failed":
+            report.outcome = "failed"
+            report.longrepr = f"the token of test key(s) {leaked} appears in '{section}'"
+
+
 def auth(role: str) -> dict[str, str]:
     """Authorization header for one of the test keys."""
     return {"Authorization": f"Bearer {TOKENS[role]}"}

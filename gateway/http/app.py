@@ -15,7 +15,8 @@ from gateway import metrics
 from gateway.activity import RealtimeActivity
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.usage import UsageAccountant
-from gateway.http import admin, batch, batches, dashboard, evals, files, middleware, realtime, system, uploads
+from gateway.http import (admin, batch, batches, dashboard, evals, files, middleware, openapi, realtime, system,
+                          uploads)
 from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, DISPATCHER, KEYRING, REDIS, REDIS_KEYS, SETTINGS,
                                   SUPERVISOR, UPSTREAM)
 from gateway.http.auth import Keyring
@@ -110,7 +111,8 @@ def create_app(settings: Settings) -> web.Application:
     Raises KeysFileError when the keys file cannot be used (start-up stops with that message).
     """
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[middleware.request_context, middleware.authenticate])
+                          middlewares=[middleware.request_context, middleware.authenticate,
+                                       middleware.body_deadline])
     app[SETTINGS] = settings
     keyring = Keyring(settings.auth_keys_file)
     keyring.load()
@@ -138,4 +140,5 @@ def create_app(settings: Settings) -> web.Application:
     batches.setup(app)  # after batch and uploads: the manager uses the queue and the store
     admin.setup(app)
     dashboard.setup(app)  # the /dashboard pages and the /monitor/* JSON behind them
+    openapi.setup(app)  # GET /openapi.json
     return app

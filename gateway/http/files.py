@@ -12,6 +12,7 @@ that also holds the batch scope shows up here without a copy. Another key's file
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -21,7 +22,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import RedisError
 
-from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, UPLOADS
+from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import Scope, requires_scope
 from gateway.http.errors import ApiError, bad_request, json_response
 from gateway.openai_batches.files import (DEFAULT_FILENAME, PURPOSE_INPUT, file_id, file_object, make_metadata,
@@ -79,9 +80,11 @@ def owned_file(request: web.Request, raw_id: str) -> UploadInfo:
     return info
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+async def _part_chunks(part: BodyPartReader, deadline: asyncio.Timeout, idle: float) -> AsyncIterator[bytes]:
     try:
         while piece := await part.read_chunk(READ_PIECE):
+            # An idle deadline, not a total one: a big file may take long as long as bytes keep coming.
+            deadline.reschedule(asyncio.get_running_loop().time() + idle)
             yield piece
     except (ConnectionError, aiohttp.ClientPayloadError, HttpProcessingError) as exc:
         raise BodyInterrupted(str(exc) or type(exc).__name__) from exc
@@ -123,36 +126,43 @@ async def create_file(request: web.Request) -> web.Response:
     key_id = request[API_KEY].id
     purpose: str | None = None
     info: UploadInfo | None = None
+    idle = request.app[SETTINGS].client_body_timeout
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise bad_request("Nested multipart bodies are not supported.", param="file")
-            if part.name == "purpose":
-                purpose = await _small_field(part, "purpose")
-                if purpose != PURPOSE_INPUT:
-                    raise bad_request(f"purpose {purpose!r} is not supported; files are uploaded with purpose "
-                                      "'batch'.", param="purpose")
-            elif part.name == "file":
+        async with asyncio.timeout(idle) as deadline:
+            try:
+                reader = await request.multipart()
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, BodyPartReader):
+                        raise bad_request("Nested multipart bodies are not supported.", param="file")
+                    if part.name == "purpose":
+                        purpose = await _small_field(part, "purpose")
+                        if purpose != PURPOSE_INPUT:
+                            raise bad_request(f"purpose {purpose!r} is not supported; files are uploaded with purpose "
+                                              "'batch'.", param="purpose")
+                    elif part.name == "file":
+                        if info is not None:
+                            raise bad_request("Send exactly one 'file' field.", param="file")
+                        metadata = make_metadata(_file_metadata(part))
+                        try:
+                            info = await store.put(key_id, _part_chunks(part, deadline, idle), metadata)
+                        except UploadError as exc:
+                            raise upload_error(exc) from None
+                    else:
+                        await part.release()  # unknown fields (e.g. expires_after) are accepted and ignored
+            except BodyInterrupted:
+                raise bad_request("The request body ended before the multipart form was complete.") from None
+            except (ValueError, AssertionError, HttpProcessingError) as exc:
                 if info is not None:
-                    raise bad_request("Send exactly one 'file' field.", param="file")
-                metadata = make_metadata(_file_metadata(part))
-                try:
-                    info = await store.put(key_id, _part_chunks(part), metadata)
-                except UploadError as exc:
-                    raise upload_error(exc) from None
-            else:
-                await part.release()  # unknown fields (e.g. expires_after) are accepted and ignored
-    except BodyInterrupted:
-        raise bad_request("The request body ended before the multipart form was complete.") from None
-    except (ValueError, AssertionError, HttpProcessingError) as exc:
-        if info is not None:
-            await store.delete(info.id)
-        raise bad_request(f"The multipart body cannot be read: {exc}.") from None
-    except BaseException:
-        if info is not None:
-            await store.delete(info.id)
-        raise
+                    await store.delete(info.id)
+                raise bad_request(f"The multipart body cannot be read: {exc}.") from None
+            except BaseException:
+                if info is not None:
+                    await store.delete(info.id)
+                raise
+    except TimeoutError:
+        # store.put already removed the partial file (its write was cancelled).
+        raise ApiError(408, f"The multipart body stalled for {idle:g} s (CLIENT_BODY_TIMEOUT).",
+                       code="body_timeout", headers={"Connection": "close"}) from None
     if info is None or purpose is None:
         if info is not None:
             await store.delete(info.id)

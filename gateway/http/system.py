@@ -49,6 +49,7 @@ async def ready(request: web.Request) -> web.Response:
 async def prometheus(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text exposition."""
     metrics.USAGE_BUFFERED.set(request.app[ACCOUNTANT].buffered)
+    metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
     return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -13,6 +13,7 @@ limit (client_max_size). Errors are OpenAI-shaped JSON with the status TUS presc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -163,10 +164,18 @@ def _key(request: web.Request) -> ApiKey:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body piece by piece; a connection lost mid-body becomes BodyInterrupted."""
+    """The request body piece by piece; a connection lost or stalled (CLIENT_BODY_TIMEOUT) mid-body becomes
+    BodyInterrupted, so the store keeps exactly the bytes received."""
+    idle = request.app[SETTINGS].client_body_timeout
     try:
-        async for piece in request.content.iter_chunked(READ_PIECE):
+        while True:
+            async with asyncio.timeout(idle):
+                piece = await request.content.read(READ_PIECE)
+            if not piece:
+                return
             yield piece
+    except TimeoutError:
+        raise BodyInterrupted(f"no body bytes for {idle:g} s (CLIENT_BODY_TIMEOUT)") from None
     except (ConnectionError, aiohttp.ClientPayloadError, HttpProcessingError) as exc:
         raise BodyInterrupted(str(exc) or type(exc).__name__) from exc
 

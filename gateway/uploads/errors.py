@@ -60,6 +60,13 @@ class UploadTooLarge(UploadError):
     code = "upload_too_large"
 
 
+class InsufficientStorage(UploadError):
+    """507: the upload directory's disk is full; the upload stays at its last acknowledged offset."""
+
+    status = 507
+    code = "upload_storage_full"
+
+
 class QuotaExceeded(UploadError):
     """413: the key would hold more stored upload bytes than UPLOAD_KEY_QUOTA_BYTES allows."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -34,9 +35,9 @@ import orjson
 import structlog
 
 from gateway import metrics
-from gateway.uploads.errors import (BodyInterrupted, ChecksumMismatch, InvalidUploadRequest, OffsetMismatch,
-                                    QuotaExceeded, UploadError, UploadGone, UploadLocked, UploadNotFinished,
-                                    UploadNotFound, UploadTooLarge)
+from gateway.uploads.errors import (BodyInterrupted, ChecksumMismatch, InsufficientStorage, InvalidUploadRequest,
+                                    OffsetMismatch, QuotaExceeded, UploadError, UploadGone, UploadLocked,
+                                    UploadNotFinished, UploadNotFound, UploadTooLarge)
 from gateway.uploads.metadata import UploadMetadata
 from gateway.uploads.protocol import Checksum
 
@@ -320,8 +321,9 @@ class UploadStore:
             fd = os.open(self.data_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.close(fd)
             await self._persist(info, fsync_data=False)
-        except BaseException:
+        except BaseException as exc:
             self._resync(upload_id)
+            _raise_if_no_space(exc, upload_id)
             raise
         finally:
             self._busy.discard(upload_id)
@@ -397,9 +399,10 @@ class UploadStore:
             await self._persist(new, fsync_data=pos > offset)
             committed = True
             self._set(upload_id, new)
-        except BaseException:
+        except BaseException as exc:
             if not committed:
                 self._resync(upload_id)
+            _raise_if_no_space(exc, upload_id)
             raise
         finally:
             self._busy.discard(upload_id)
@@ -604,3 +607,11 @@ class UploadStore:
         # Info first: a crash in between leaves an orphan data file, which load() deletes.
         self._info_path(upload_id).unlink(missing_ok=True)
         self.data_path(upload_id).unlink(missing_ok=True)
+
+
+def _raise_if_no_space(exc: BaseException, upload_id: str) -> None:
+    """Turn a full disk (after the upload was put back at its acknowledged offset) into a clean 507."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("upload_storage_full", upload_id=upload_id)
+        raise InsufficientStorage("The upload store is out of disk space; the upload keeps its last "
+                                  "acknowledged offset (ask HEAD) and can resume once space is freed.") from None
