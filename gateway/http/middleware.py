@@ -134,7 +134,9 @@ async def body_deadline(request: web.Request, handler: Handler) -> web.StreamRes
 
     aiohttp caches what `read()` returns, so the handler's own `await request.read()` costs nothing more.
     """
-    if request.body_exists and not request.content_type.startswith(_STREAMED_BODIES):
+    # A body already received in full (the common case: small JSON in one packet) needs no timer.
+    if request.body_exists and not request.content.is_eof() \
+            and not request.content_type.startswith(_STREAMED_BODIES):
         timeout = request.app[SETTINGS].client_body_timeout
         try:
             async with asyncio.timeout(timeout):
