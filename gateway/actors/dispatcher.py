@@ -552,6 +552,10 @@ class BatchDispatcher(Actor):
                 return
             await asyncio.sleep(min(backoff, settings.batch_retry_backoff_max))
             backoff = max(backoff * 2, 0.05)
+            if kind == "connection_error":
+                # A broken connection usually means the runtime died: give the supervisor a moment to see
+                # it, so the retry goes to the restarted runtime instead of spending an attempt on a dead port.
+                await self._crash_after(job.model, before, wait=2.0)
             snap = await self._runtime_for(job.model)
             crash_log = _crash_between(before, snap)
             update: dict[str, str] = {"error": f"attempt {attempt}: {failure}", "error_code": kind}
