@@ -211,24 +211,8 @@ class JobQueue:
     # --- API side
     async def enqueue(self, key_id: str, submission: Submission) -> dict[str, str]:
         """Store a new job and queue it; returns its decoded hash."""
-        now = time.time()
-        job_id = new_job_id(now)
-        score = self.score(now, submission.priority)
-        fields = {
-            "id": job_id, "key_id": key_id, "endpoint": str(submission.endpoint), "model": submission.model,
-            "priority": str(submission.priority), "metadata": orjson.dumps(submission.metadata).decode(),
-            "status": JobStatus.QUEUED.value, "score": repr(score), "created_at": repr(now),
-            "updated_at": repr(now), "attempt": "0", "max_attempts": str(self.settings.batch_max_attempts),
-            "flags": "", "claim": "",
-        }
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), mapping={**fields, "request": submission.body})
-        pipe.zadd(self.keys.job_index(key_id), {job_id: 0})
-        # The job hash is written before the id becomes claimable (commands run in order).
-        pipe.zadd(self.keys.batch_ready(submission.model), {job_id: score})
-        pipe.sadd(self.keys.batch_models, submission.model)
-        self._xadd(pipe, fields, "enqueued")
-        pipe.publish(self.keys.batch_notify, submission.model)
+        (fields,) = self.enqueue_many(pipe, key_id, [submission])
         await pipe.execute()
         metrics.BATCH_JOBS.labels("enqueued").inc()
         return fields
@@ -334,6 +318,7 @@ class JobQueue:
             }
             pipe.hset(self.keys.job(job_id), mapping={**fields, "request": submission.body})
             pipe.zadd(self.keys.job_index(key_id), {job_id: 0})
+            # The job hash is written before the id becomes claimable (commands run in order).
             pipe.zadd(self.keys.batch_ready(submission.model), {job_id: score})
             models.add(submission.model)
             self._xadd(pipe, fields, "enqueued")
