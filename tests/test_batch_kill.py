@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aredis
 
-from tests.conftest import REALTIME_MODEL, REDIS_URL, TOKENS, free_port, start_simulator, wait_http
+from tests.conftest import REALTIME_MODEL, REDIS_URL, TOKENS, start_simulator
+from tests.liveproc import gateway_env, start_gateway, stop_gateway
 
 JOBS = 1000
 
@@ -29,25 +27,11 @@ def kill_sim() -> Iterator[str]:
     proc.wait(10)
 
 
-def start_gateway(tmp_path: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    log = (tmp_path / f"{name}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=tmp_path,
-                            env={**env, "LISTEN_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/ready", timeout=30, proc=proc)
-    return proc, base
-
-
 async def test_kill_9_mid_queue_loses_nothing_and_completes_nothing_twice(
         tmp_path: Path, kill_sim: str, redis_prefix: str, keys_file: Path) -> None:
-    env = {**os.environ, "LISTEN_HOST": "127.0.0.1", "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
-           "AUTH_KEYS_FILE": str(keys_file), "RUNTIME_BACKEND": "external", "RUNTIME_URL": kill_sim,
-           "REALTIME_MODEL": REALTIME_MODEL, "LOG_FORMAT": "json", "LOG_LEVEL": "warning",
-           "MAX_CONCURRENT_BATCH": "8", "BATCH_LEASE_SECONDS": "1", "SHUTDOWN_TIMEOUT": "5"}
-    victim, victim_url = start_gateway(tmp_path, "victim", env)
-    survivor, survivor_url = start_gateway(tmp_path, "survivor", env)
+    env = gateway_env(tmp_path, redis_prefix, keys_file, kill_sim, MAX_CONCURRENT_BATCH="8", BATCH_LEASE_SECONDS="1")
+    victim, victim_url, _ = start_gateway(tmp_path, "victim", env)
+    survivor, survivor_url, _ = start_gateway(tmp_path, "survivor", env)
     r = aredis.Redis.from_url(REDIS_URL)
     stream = f"{redis_prefix}job_events"
     try:
@@ -122,12 +106,6 @@ async def test_kill_9_mid_queue_loses_nothing_and_completes_nothing_twice(
         assert await r.zcard(f"{redis_prefix}{{batch}}:leases") == 0
     finally:
         await r.aclose()
-        for proc in (victim, survivor):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+        stop_gateway(victim)
+        stop_gateway(survivor)
     assert survivor.returncode == 0
