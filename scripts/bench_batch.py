@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,18 +38,13 @@ from gateway.http.app import create_app  # noqa: E402
 from gateway.http.appkeys import DISPATCHER, SUPERVISOR  # noqa: E402
 from gateway.logging import configure_logging  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
+from benchlib import free_port
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "bench/realtime"
 OTHER = "bench/batch-model"
 BATCH_TOKEN = "bench-batch-token-0001"
 REALTIME_TOKEN = "bench-realtime-token-0001"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_http(url: str, timeout: float = 30.0) -> None:

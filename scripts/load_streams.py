@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,17 +28,12 @@ from typing import Any
 
 import aiohttp
 import redis
+from benchlib import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "load-org/load-model"
 TOKEN = "tok-load-" + uuid.uuid4().hex
 MONITOR = "tok-load-monitor-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
