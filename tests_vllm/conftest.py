@@ -177,15 +177,23 @@ class Gateway:
         return await eventually(check, timeout=timeout, interval=0.2)
 
     async def wait_realtime_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Wait until the runtime is READY with the realtime model and no batch group holds it."""
+        """Wait until the runtime is READY with the realtime model, no batch group holds it, and it answers
+        its health path (right after a runtime is killed the supervisor may not have noticed yet)."""
         from gateway.http.appkeys import DISPATCHER
 
         dispatcher = self.app.get(DISPATCHER)
 
-        def ready() -> bool:
+        async def ready() -> bool:
             snap = self.supervisor.snapshot
-            return (snap.ready and snap.model == REALTIME_MODEL
-                    and (dispatcher is None or dispatcher.group is None))
+            if not (snap.ready and snap.model == REALTIME_MODEL and snap.base_url
+                    and (dispatcher is None or dispatcher.group is None)):
+                return False
+            try:
+                async with aiohttp.ClientSession() as session, session.get(
+                        snap.base_url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
 
         await eventually(ready, timeout=timeout, interval=0.2)
 

@@ -5,10 +5,12 @@ the restarted server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
@@ -31,18 +33,31 @@ async def test_runtime_killed_mid_stream_restarts_and_batch_job_is_retried(gw: G
     ids = [(await gw.submit({"model": REALTIME_MODEL, "prompt": f"survive {i}", "max_tokens": 1000,
                              "ignore_eos": True}))["id"] for i in range(4)]
     await eventually(lambda: _any_running(gw, ids), timeout=60, interval=0.05)
-    # n=4 x 1,000 tokens keep vLLM busy for seconds. The kill comes as soon as the stream has begun (the
-    # gateway answers 200 once vLLM has), not after relaying a chunk: the gateway runs in this test process,
-    # which a busy machine may starve while vLLM generates on.
-    resp = await gw.post("/v1/chat/completions", {"model": REALTIME_MODEL, "stream": True, "max_tokens": 1000,
-                                                  "n": 4, "ignore_eos": True,
-                                                  "messages": [{"role": "user", "content": "long answer"}]})
-    assert resp.status == 200
+    # n=4 x 1,000 tokens keep vLLM busy for seconds, but a loaded machine can starve this process (which runs
+    # the gateway too) until vLLM has finished. So vLLM is frozen (SIGSTOP to its process group) as soon as
+    # the stream has begun, the gateway relays what vLLM had already sent, and only a stream still unfinished
+    # then is the one whose runtime is killed; one that had finished is read to its end and a new one sent.
+    raw = b""
+    for _attempt in range(5):
+        resp = await gw.post("/v1/chat/completions", {"model": REALTIME_MODEL, "stream": True, "max_tokens": 1000,
+                                                      "n": 4, "ignore_eos": True,
+                                                      "messages": [{"role": "user", "content": "long answer"}]})
+        assert resp.status == 200
+        os.killpg(pid, signal.SIGSTOP)
+        raw = await _read_until_quiet(resp, quiet=1.5)
+        if b"data: [DONE]" not in raw:
+            break
+        os.killpg(pid, signal.SIGCONT)
+        await resp.read()
+    else:
+        raise AssertionError("vLLM finished every stream before it could be frozen mid-stream")
 
     os.kill(pid, signal.SIGKILL)  # the API server process, as the OOM killer would
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGCONT)  # the engine process it leaves notices its parent is gone and exits
 
     # The stream ends with an OpenAI-shaped error event and [DONE], not a hang or a bare disconnect.
-    raw = await asyncio.wait_for(resp.read(), 60)
+    raw += await asyncio.wait_for(resp.read(), 60)
     events = [e for e in raw.split(b"\n\n") if e.strip()]
     assert events[-1] == b"data: [DONE]", events[-3:]
     error = orjson.loads(events[-2].removeprefix(b"data: "))
@@ -87,6 +102,17 @@ async def test_runtime_killed_mid_stream_restarts_and_batch_job_is_retried(gw: G
     retry_events = [e for e in await gw.job_events() if e["job_id"] in set(ids) and e["event"] == "retried"]
     assert {e["job_id"] for e in retry_events} == {j["id"] for j in retried}
     assert all(e.get("crash_log") == str(crash_log) for e in retry_events)
+
+
+async def _read_until_quiet(resp: aiohttp.ClientResponse, quiet: float) -> bytes:
+    """What the stream delivers until it ends or stays silent for `quiet` seconds."""
+    raw = b""
+    while not resp.content.at_eof():
+        try:
+            raw += await asyncio.wait_for(resp.content.readany(), quiet)
+        except TimeoutError:
+            break
+    return raw
 
 
 async def _any_running(gw: Gateway, ids: list[str]) -> bool:
