@@ -18,8 +18,9 @@ from gateway.actors.usage import UsageAccountant
 from gateway.http import (admin, batch, batches, dashboard, evals, files, middleware, openapi, realtime, system,
                           uploads)
 from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, DISPATCHER, KEYRING, REDIS, REDIS_KEYS, SETTINGS,
-                                  SUPERVISOR, UPSTREAM)
+                                  SUPERVISOR, UPSTREAM, UPSTREAM_POOL)
 from gateway.http.auth import Keyring
+from gateway.http.upstream import UpstreamPool
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -55,7 +56,11 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # auto_decompress off: bodies are relayed byte for byte.
     app[UPSTREAM] = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                           skip_auto_headers=("User-Agent",))
+    app[UPSTREAM_POOL] = UpstreamPool(limit=settings.upstream_max_connections,
+                                      connect_timeout=settings.upstream_connect_timeout,
+                                      read_timeout=settings.upstream_read_timeout)
     yield
+    app[UPSTREAM_POOL].close()
     await app[UPSTREAM].close()
 
 

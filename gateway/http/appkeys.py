@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from gateway.activity import RealtimeActivity
 from gateway.http.auth import ApiKey, Keyring
+from gateway.http.upstream import UpstreamPool
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -26,6 +27,8 @@ KEYRING = web.AppKey("keyring", Keyring)
 REDIS = web.AppKey("redis", Redis)
 REDIS_KEYS = web.AppKey("redis_keys", RedisKeys)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+# The realtime hot path's lean HTTP/1.1 client (gateway/http/upstream.py); UPSTREAM serves everything else.
+UPSTREAM_POOL = web.AppKey("upstream_pool", UpstreamPool)
 ACTIVITY = web.AppKey("activity", RealtimeActivity)
 SUPERVISOR: web.AppKey["RuntimeSupervisor"] = web.AppKey("supervisor")
 ACCOUNTANT: web.AppKey["UsageAccountant"] = web.AppKey("accountant")

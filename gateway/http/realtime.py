@@ -7,6 +7,7 @@ hands one usage event to the accountant without awaiting it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -18,9 +19,11 @@ from aiohttp import web
 from gateway import metrics
 from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState
 from gateway.actors.usage import UsageEvent
-from gateway.http.appkeys import ACCOUNTANT, ACTIVITY, API_KEY, REQUEST_ID, SETTINGS, SUPERVISOR, UPSTREAM
+from gateway.http.appkeys import (ACCOUNTANT, ACTIVITY, API_KEY, REQUEST_ID, SETTINGS, SUPERVISOR, UPSTREAM,
+                                  UPSTREAM_POOL)
 from gateway.http.auth import Scope, requires_scope
 from gateway.http.errors import ApiError, bad_request, error_body, parse_json_object
+from gateway.http.upstream import Exchange, UpstreamError
 from gateway.settings import Settings
 
 log = structlog.get_logger(component="realtime")
@@ -31,6 +34,11 @@ _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 # One SSE event is held until its end ("\n\n") so usage can be read from it; a runtime that never ends
 # an event must not make the gateway buffer without limit (real events are a few KiB, logprobs included).
 SSE_EVENT_MAX = 1024 * 1024
+# Above this many bytes waiting in the client's send buffer, reading from the runtime pauses until the client
+# has taken them down to the low mark (checked every _DRAIN_POLL seconds while paused).
+_CLIENT_BUFFER_HIGH = 256 * 1024
+_CLIENT_BUFFER_LOW = 64 * 1024
+_DRAIN_POLL = 0.005
 
 
 class _EventTooLarge(Exception):
@@ -110,7 +118,7 @@ def _upstream_error(kind: str, exc: BaseException | None = None) -> ApiError:
     metrics.UPSTREAM_ERRORS.labels(kind).inc()
     if kind == "timeout":
         return ApiError(504, "The runtime did not answer in time.", type="server_error", code="upstream_timeout")
-    detail = f": {exc.__class__.__name__}" if exc else ""
+    detail = f" ({exc})" if isinstance(exc, UpstreamError) else f": {exc.__class__.__name__}" if exc else ""
     return ApiError(502, f"The runtime could not be reached or broke the connection{detail}.",
                     type="server_error", code="upstream_unavailable")
 
@@ -149,32 +157,32 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
     try:
         started = time.perf_counter()
         headers = {"Content-Type": "application/json", "X-Request-ID": request[REQUEST_ID]}
-        async with app[UPSTREAM].post(snap.base_url + path, data=body, headers=headers) as upstream:
-            if stream and upstream.status == 200:
-                response, ok, prompt_tokens, completion_tokens = await _relay_stream(
-                    request, upstream, started, path, client_wants_usage)
-                return response
-            payload = await upstream.read()
-            metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
-            if upstream.status >= 500:
-                log.warning("upstream_5xx", status=upstream.status, body=payload[:500].decode(errors="replace"))
-                raise ApiError(502, f"The runtime answered {upstream.status}: "
-                               f"{_upstream_message(payload)}", type="server_error", code="upstream_error")
-            if upstream.status == 200:
-                ok = True
-                try:
-                    prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
-                except orjson.JSONDecodeError:
-                    pass
-            else:
-                payload = openai_error_payload(upstream.status, payload)
-            return web.Response(status=upstream.status, body=payload,
-                                content_type=upstream.content_type or "application/json",
-                                headers={"X-Request-ID": request[REQUEST_ID]})
-    except TimeoutError:
-        raise _upstream_error("timeout") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise _upstream_error("connection", exc) from None
+        upstream = await app[UPSTREAM_POOL].request(snap.base_url, path, body, headers,
+                                                    until="headers" if stream else "body")
+        if stream and upstream.status == 200:
+            response, ok, prompt_tokens, completion_tokens = await _relay_stream(
+                request, upstream, started, path, client_wants_usage)
+            return response
+        payload = await upstream.read()
+        metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
+        if upstream.status >= 500:
+            log.warning("upstream_5xx", status=upstream.status, body=payload[:500].decode(errors="replace"))
+            raise ApiError(502, f"The runtime answered {upstream.status}: "
+                           f"{_upstream_message(payload)}", type="server_error", code="upstream_error")
+        if upstream.status == 200:
+            ok = True
+            try:
+                prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
+            except orjson.JSONDecodeError:
+                pass
+        else:
+            payload = openai_error_payload(upstream.status, payload)
+        return web.Response(status=upstream.status, body=payload,
+                            content_type=(upstream.content_type.partition(";")[0].strip()
+                                          or "application/json"),
+                            headers={"X-Request-ID": request[REQUEST_ID]})
+    except UpstreamError as exc:
+        raise _upstream_error(exc.kind, exc) from None
     finally:
         activity.end()
         accountant.record(UsageEvent(key_id, ok, prompt_tokens, completion_tokens))
@@ -209,58 +217,112 @@ def _upstream_message(payload: bytes) -> str:
     return str(err)[:200]
 
 
-async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, started: float, path: str,
+class _ClientGone(Exception):
+    """The client closed its connection in the middle of the stream."""
+
+
+class _SseRelay:
+    """The sink of a streamed answer, called with each body chunk straight from the upstream connection.
+
+    Whole events are written to the client's transport as they come, in HTTP chunked framing (the response
+    headers are already sent); an unfinished event waits for its end, so usage can be read from it. The
+    usage chunk is dropped if the client did not ask for it. When the client reads slower than the runtime
+    writes, reading from the runtime pauses until the client has caught up.
+    """
+
+    __slots__ = ("protocol", "transport", "upstream", "chunked", "wants_usage", "started", "path", "buffer", "first",
+                 "done", "prompt_tokens", "completion_tokens", "paused")
+
+    def __init__(self, request: web.Request, transport: asyncio.Transport, upstream: Exchange, *, chunked: bool,
+                 wants_usage: bool, started: float, path: str) -> None:
+        self.protocol = request.protocol  # its transport becomes None when the client connection is lost
+        self.transport, self.upstream, self.chunked = transport, upstream, chunked
+        self.wants_usage, self.started, self.path = wants_usage, started, path
+        self.buffer = b""
+        self.first = True
+        self.done = False
+        self.prompt_tokens = self.completion_tokens = 0
+        self.paused = False
+
+    def __call__(self, chunk: bytes) -> None:
+        if self.first:
+            metrics.UPSTREAM_TTFT_BY(self.path).observe(time.perf_counter() - self.started)
+            self.first = False
+        if self.buffer:
+            chunk, self.buffer = self.buffer + chunk, b""
+        if not chunk.endswith(b"\n\n"):
+            cut = chunk.rfind(b"\n\n")
+            if cut < 0:
+                if len(chunk) > SSE_EVENT_MAX:
+                    raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
+                self.buffer = chunk
+                return
+            chunk, self.buffer = chunk[: cut + 2], chunk[cut + 2:]
+        # Fast path: whole events with neither usage nor [DONE] are relayed as they came.
+        if b"data: [DONE]" in chunk or b'"usage":{' in chunk or b'"usage": {' in chunk:
+            out: list[bytes] = []
+            for event in chunk.split(b"\n\n"):
+                if not event:
+                    continue
+                if event.startswith(b"data: [DONE]"):
+                    self.done = True
+                elif any(m in event for m in _USAGE_MARKERS) and event.startswith(b"data: "):
+                    obj = orjson.loads(event[6:])
+                    self.prompt_tokens, self.completion_tokens = _usage_of(obj)
+                    if not self.wants_usage and not obj.get("choices"):
+                        continue
+                out.append(event + b"\n\n")
+            chunk = b"".join(out)
+            if not chunk:
+                return
+        transport = self.transport
+        if self.protocol.transport is None or transport.is_closing():
+            raise _ClientGone
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk)
+        if not self.paused and transport.get_write_buffer_size() > _CLIENT_BUFFER_HIGH:
+            self.paused = True
+            self.upstream.pause()
+            asyncio.get_running_loop().call_later(_DRAIN_POLL, self._drained)
+
+    def _drained(self) -> None:
+        if self.upstream.done:
+            return
+        if (self.protocol.transport is None or self.transport.is_closing()
+                or self.transport.get_write_buffer_size() <= _CLIENT_BUFFER_LOW):
+            self.paused = False
+            self.upstream.resume()
+        else:
+            asyncio.get_running_loop().call_later(_DRAIN_POLL, self._drained)
+
+
+async def _relay_stream(request: web.Request, upstream: Exchange, started: float, path: str,
                         client_wants_usage: bool) -> tuple[web.StreamResponse, bool, int, int]:
-    """Relay SSE events as they come; pick the usage chunk out (and drop it if the client did not ask).
+    """Relay SSE events as they come (see _SseRelay).
 
     Returns the (already sent) response, whether the stream completed, and the token counts.
     """
     response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "X-Request-ID": request[REQUEST_ID]})
-    await response.prepare(request)
-    prompt_tokens = completion_tokens = 0
-    buffer = b""
-    first = True
-    done = False
+    chunked = request.version >= aiohttp.HttpVersion11
+    if chunked:
+        response.enable_chunked_encoding()
     try:
-        async for chunk in upstream.content.iter_any():
-            if first:
-                metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
-                first = False
-            if buffer:
-                chunk, buffer = buffer + chunk, b""
-            if not chunk.endswith(b"\n\n"):
-                cut = chunk.rfind(b"\n\n")
-                if cut < 0:
-                    if len(chunk) > SSE_EVENT_MAX:
-                        raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
-                    buffer = chunk
-                    continue
-                chunk, buffer = chunk[: cut + 2], chunk[cut + 2:]
-            # Fast path: whole events with neither usage nor [DONE] are relayed as they came.
-            if b"data: [DONE]" in chunk or any(m in chunk for m in _USAGE_MARKERS):
-                out: list[bytes] = []
-                for event in chunk.split(b"\n\n"):
-                    if not event:
-                        continue
-                    if event.startswith(b"data: [DONE]"):
-                        done = True
-                    elif any(m in event for m in _USAGE_MARKERS) and event.startswith(b"data: "):
-                        obj = orjson.loads(event[6:])
-                        prompt_tokens, completion_tokens = _usage_of(obj)
-                        if not client_wants_usage and not obj.get("choices"):
-                            continue
-                    out.append(event + b"\n\n")
-                chunk = b"".join(out)
-                if not chunk:
-                    continue
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:
-                # The client went away; leaving the upstream context closes that connection, which
-                # makes the runtime abort the generation.
-                return response, False, prompt_tokens, completion_tokens
-    except (aiohttp.ClientError, OSError, TimeoutError, orjson.JSONDecodeError, _EventTooLarge) as exc:
-        kind = "timeout" if isinstance(exc, TimeoutError) else "stream_broken"
+        await response.prepare(request)
+    except ConnectionResetError:
+        upstream.abort()
+        return response, False, 0, 0
+    transport = request.transport
+    if transport is None:  # the client left before the headers were sent
+        upstream.abort()
+        return response, False, 0, 0
+    relay = _SseRelay(request, transport, upstream, chunked=chunked, wants_usage=client_wants_usage, started=started,
+                      path=path)
+    try:
+        await upstream.relay(relay)
+    except _ClientGone:
+        # Failing the exchange closed the runtime connection, which makes the runtime abort the generation.
+        return response, False, relay.prompt_tokens, relay.completion_tokens
+    except (UpstreamError, orjson.JSONDecodeError, _EventTooLarge) as exc:
+        kind = "timeout" if isinstance(exc, UpstreamError) and exc.kind == "timeout" else "stream_broken"
         metrics.UPSTREAM_ERRORS.labels(kind).inc()
         log.warning("upstream_stream_failed", error=repr(exc))
         message = ("The runtime stopped answering in the middle of the stream." if kind == "timeout"
@@ -273,8 +335,8 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, 
             await response.write_eof()
         except (ConnectionResetError, RuntimeError):
             pass
-        return response, False, prompt_tokens, completion_tokens
-    if not done:
+        return response, False, relay.prompt_tokens, relay.completion_tokens
+    if not relay.done:
         # The runtime closed the stream cleanly but without [DONE]: tell the client it is incomplete.
         metrics.UPSTREAM_ERRORS.labels("stream_truncated").inc()
         try:
@@ -282,9 +344,12 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, 
                                                         "incomplete.", type="server_error",
                                                         code="upstream_stream_broken") + b"\n\ndata: [DONE]\n\n")
         except ConnectionResetError:
-            return response, False, prompt_tokens, completion_tokens
-    await response.write_eof()
-    return response, done, prompt_tokens, completion_tokens
+            return response, False, relay.prompt_tokens, relay.completion_tokens
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
+    return response, relay.done, relay.prompt_tokens, relay.completion_tokens
 
 
 @requires_scope(Scope.REALTIME)
