@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-ttft", type=_non_negative_float, default=0.0,
                      help="time to first token, seconds")
     sim.add_argument("--sim-itl", type=_non_negative_float, default=0.0,
-                     help="inter-token latency, seconds")
+                     help="inter-token latency, seconds (on an absolute schedule from the first token)")
     sim.add_argument("--sim-output-tokens", type=_non_negative_int, default=16,
                      help="output length when max_tokens is absent")
     sim.add_argument("--sim-crash-after", type=_non_negative_int, default=None,
@@ -1153,9 +1153,16 @@ class Simulator:
         first = True
         top_k = req.logprobs or 0
         generated = [0] * len(choices)
+        # Tokens follow an absolute schedule (first token + position x ITL), as an engine generates them
+        # whether or not the API process sends them promptly: a late wake-up on a busy machine is caught up
+        # instead of pushing every later token back.
+        loop = asyncio.get_running_loop()
+        first_at = loop.time()
         for position in range(longest):
-            if not first and config.itl:
-                await asyncio.sleep(config.itl)
+            if position and config.itl:
+                delay = first_at + position * config.itl - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             for c in choices:
                 if position >= len(c.pieces):
                     continue

@@ -185,6 +185,9 @@ def start_gateway(runtime_url: str, keys: Path, prefix: str) -> tuple[subprocess
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the script)")
+    parser.add_argument("--paced-clients", type=int, default=0,
+                        help="concurrent paced streams (default 500, 100 with --quick); fewer show the gateway on "
+                        "a machine that is not saturated")
     parser.add_argument("--paced-tokens", type=int, default=100,
                         help="tokens per paced stream (default 100: two seconds at ~50 tokens/s)")
     parser.add_argument("--runtime-url", default="", help="an already running runtime to measure instead of "
@@ -199,7 +202,7 @@ async def main() -> None:
         EXTRA["ignore_eos"] = True
     n_lat = 400 if args.quick else 2000
     secs = 3.0 if args.quick else 10.0
-    paced_clients = 100 if args.quick else 500
+    paced_clients = args.paced_clients or (100 if args.quick else 500)
 
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     tmp = Path(tempfile.mkdtemp())
