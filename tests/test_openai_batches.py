@@ -335,10 +335,15 @@ async def test_input_file_of_an_active_batch_cannot_be_deleted(aiohttp_client: A
                                                                slow_sim: str) -> None:
     client = await aiohttp_client(create_app(make_settings(runtime_url=slow_sim, max_concurrent_batch=1)))
     await wait_ready(client.app)
-    api = sdk(client)
+    api = sdk(client, "all")  # batch and upload scopes: the file can be deleted through both APIs
     batch = await run_batch(api, jsonl([line(f"d{i}") for i in range(100)]))
     with pytest.raises(openai.ConflictError):
         await api.files.delete(batch.input_file_id)
+    # TUS termination of the same bytes is refused too.
+    upload_url = "/v1/upload/" + batch.input_file_id.removeprefix("file-")
+    resp = await client.delete(upload_url, headers={**auth("all"), "Tus-Resumable": "1.0.0"})
+    assert resp.status == 409, await resp.text()
+    assert resp.headers["Tus-Resumable"] == "1.0.0" and b"file_in_use" in await resp.read()
     await api.batches.cancel(batch.id)
     await wait_batch(api, batch.id, {"cancelled"})
     assert (await api.files.delete(batch.input_file_id)).deleted

@@ -27,7 +27,7 @@ from gateway.http.auth import Scope, requires_scope
 from gateway.http.errors import ApiError, bad_request, json_response
 from gateway.openai_batches.files import (DEFAULT_FILENAME, PURPOSE_INPUT, file_id, file_object, make_metadata,
                                           purpose_of, upload_id_of)
-from gateway.openai_batches.records import BatchStatus
+from gateway.openai_batches.records import file_in_use
 from gateway.uploads import BodyInterrupted, UploadError, UploadInfo
 from gateway.uploads.errors import UploadNotFinished
 from gateway.uploads.metadata import parse_metadata
@@ -244,7 +244,7 @@ async def delete_file(request: web.Request) -> web.Response:
     info = request.app[UPLOADS].get(upload_id) if upload_id else None
     if info is None or info.key_id != request[API_KEY].id:
         raise _not_found(raw_id)
-    if await _used_by_active_batch(request, file_id(info.id)):
+    if await file_in_use(request.app[REDIS], request.app[REDIS_KEYS], file_id(info.id), request[API_KEY].id):
         raise ApiError(409, f"File '{raw_id}' is the input of a batch that has not finished; cancel the batch or "
                        "wait for it to end first.", code="file_in_use", param="file_id")
     try:
@@ -252,21 +252,6 @@ async def delete_file(request: web.Request) -> web.Response:
     except UploadError as exc:
         raise upload_error(exc) from None
     return json_response({"id": file_id(info.id), "object": "file", "deleted": True})
-
-
-async def _used_by_active_batch(request: web.Request, fid: str) -> bool:
-    redis, keys = request.app[REDIS], request.app[REDIS_KEYS]
-    active = [x.decode() for x in await redis.smembers(keys.openai_batches_active)]
-    if not active:
-        return False
-    pipe = redis.pipeline(transaction=False)
-    for batch_id in active:
-        pipe.hmget(keys.openai_batch(batch_id), ["input_file_id", "status", "key_id"])
-    for input_id, status, key_id in await pipe.execute():
-        if (input_id is not None and input_id.decode() == fid and status is not None
-                and not BatchStatus(status.decode()).final and key_id.decode() == request[API_KEY].id):
-            return True
-    return False
 
 
 def setup(app: web.Application) -> None:

@@ -20,12 +20,16 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from redis.exceptions import RedisError
 
-from gateway.http.appkeys import API_KEY, SETTINGS, UPLOADS, UPLOAD_SWEEPER
+from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS, UPLOAD_SWEEPER
 from gateway.http.auth import ApiKey, Scope, public, requires_scope
 from gateway.http.errors import error_body
 from gateway.uploads import BodyInterrupted, UploadError, UploadStore, UploadSweeper
-from gateway.uploads.errors import InvalidUploadRequest, MethodNotAllowed, UploadTooLarge
+from gateway.openai_batches.files import file_id
+from gateway.openai_batches.records import file_in_use
+from gateway.uploads.errors import (InvalidUploadRequest, MethodNotAllowed, StoreUnavailable, UploadInUse,
+                                    UploadTooLarge)
 from gateway.uploads.protocol import (check_offset_content_type, check_version, effective_method, http_date,
                                       non_negative, options_headers, parse_checksum, parse_creation,
                                       version_headers)
@@ -119,6 +123,14 @@ async def _resource(request: web.Request, method: str) -> web.StreamResponse:
         return await _patch(request, store, store.lookup(upload_id, key.id))
     if method == "DELETE":
         info = store.lookup(upload_id, key.id)
+        try:
+            in_use = await file_in_use(request.app[REDIS], request.app[REDIS_KEYS], file_id(info.id), key.id)
+        except RedisError:
+            raise StoreUnavailable("Cannot check whether a batch reads this upload: the batch store (Redis) is "
+                                   "unreachable right now; retry shortly.", headers={"Retry-After": "5"}) from None
+        if in_use:
+            raise UploadInUse(f"Upload '{info.id}' is the input file of a batch that has not finished; cancel the "
+                              "batch or wait for it to end before terminating the upload.")
         await store.delete(info.id)
         return web.Response(status=204)
     raise MethodNotAllowed(f"{method} is not allowed on an upload URL; use HEAD, PATCH or DELETE.",

@@ -66,6 +66,22 @@ class BatchPage:
     has_more: bool
 
 
+async def file_in_use(redis: Redis, keys: RedisKeys, fid: str, key_id: str) -> bool:
+    """True while a batch of `key_id` that has not finished reads the file `fid` (deleting it, through the
+    Files API or TUS termination, would take the input from under the batch)."""
+    active = [x.decode() for x in await redis.smembers(keys.openai_batches_active)]
+    if not active:
+        return False
+    pipe = redis.pipeline(transaction=False)
+    for batch_id in active:
+        pipe.hmget(keys.openai_batch(batch_id), ["input_file_id", "status", "key_id"])
+    for input_id, status, owner in await pipe.execute():
+        if (input_id is not None and input_id.decode() == fid and status is not None and owner is not None
+                and not BatchStatus(status.decode()).final and owner.decode() == key_id):
+            return True
+    return False
+
+
 class BatchRecords:
     """Every Redis operation on batch records."""
 

@@ -103,6 +103,20 @@ class UploadNotFinished(UploadError):
     code = "upload_not_finished"
 
 
+class UploadInUse(UploadError):
+    """409: the upload is the input file of a batch that has not finished."""
+
+    status = 409
+    code = "file_in_use"
+
+
+class StoreUnavailable(UploadError):
+    """503: what the answer depends on is in Redis, which cannot be reached right now."""
+
+    status = 503
+    code = "redis_unavailable"
+
+
 class MethodNotAllowed(UploadError):
     """405: the (possibly overridden) method is not one TUS defines for this URL."""
 
