@@ -187,3 +187,21 @@ async def test_model_that_cannot_load_fails_its_jobs(aiohttp_client: Any, make_s
     # The realtime model's own jobs are unaffected.
     ok = await submit(client, {"model": REALTIME_MODEL, "prompt": "fine"})
     assert (await wait_status(client, ok["id"], {"completed"}))["status"] == "completed"
+
+
+async def test_request_cut_off_by_a_restart_gets_503_not_502(aiohttp_client: Any, make_settings: Callable[..., Any],
+                                                           tmp_path: Path) -> None:
+    """A realtime request already sent when a restart (or a swap) stops the runtime: the client is told to
+    retry (503 with Retry-After), as one arriving a moment later would be, not that the runtime broke."""
+    client = await aiohttp_client(create_app(swap_settings(make_settings, tmp_path, runtime_args="--sim-ttft 5")))
+    await wait_ready(client.app, timeout=30)
+    supervisor = client.app[SUPERVISOR]
+    pending = asyncio.create_task(realtime_request(client))
+    await eventually(lambda: client.app[ACTIVITY].in_flight > 0, timeout=10, interval=0.01)
+    await asyncio.sleep(0.2)  # the request is at the runtime, waiting for its first token
+    await supervisor.restart()
+    resp = await asyncio.wait_for(pending, 30)
+    body = await resp.json()
+    assert resp.status == 503, body
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert body["error"]["code"] in ("runtime_starting", "runtime_stopped"), body

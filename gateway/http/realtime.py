@@ -182,6 +182,11 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                                           or "application/json"),
                             headers={"X-Request-ID": request[REQUEST_ID]})
     except UpstreamError as exc:
+        now = app[SUPERVISOR].snapshot
+        if exc.kind == "connection" and (now is not snap and not (now.ready and now.base_url == snap.base_url)):
+            # The runtime went away under this request because a swap or a restart began: that is a 503
+            # with Retry-After, as for a request that arrives a moment later, not a broken runtime.
+            raise unavailable(request, now) from None
         raise _upstream_error(exc.kind, exc) from None
     finally:
         activity.end()
