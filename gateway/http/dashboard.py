@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import secrets
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,11 @@ from gateway.http.session import COOKIE_NAME, CSRF_FIELD, LOGIN_PATH, SECRET, SE
 log = structlog.get_logger(component="dashboard")
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-TEMPLATES_DIR = PACKAGE_DIR.parent / "templates"
+# The repository's templates/ (a checkout or an editable install), else where a wheel puts them
+# (setup.cfg's data_files: <prefix>/share/llm-gateway/templates).
+TEMPLATES_DIR = next((d for d in (PACKAGE_DIR.parent / "templates",
+                                  Path(sys.prefix) / "share" / "llm-gateway" / "templates") if d.is_dir()),
+                     PACKAGE_DIR.parent / "templates")
 STATIC_DIR = PACKAGE_DIR / "static"
 _STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 
