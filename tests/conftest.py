@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ import redis as redis_sync
 
 from gateway.logging import configure_logging
 from gateway.settings import Settings
+from tests.polling import eventually  # noqa: F401 (tests import it from here)
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REALTIME_MODEL = "test-org/realtime-model"
@@ -167,17 +167,3 @@ async def gateway(aiohttp_client: Any, make_settings: Callable[..., Settings]) -
     client = await aiohttp_client(create_app(make_settings()))
     await wait_ready(client.app)
     yield client
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll an (async or sync) check until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

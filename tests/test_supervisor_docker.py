@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,12 +12,13 @@ import aiodocker
 import aiohttp
 import pytest
 
-from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupervisor
+from gateway.actors.supervisor import RuntimeState, RuntimeSupervisor
 from gateway.backends import make_backend
 from gateway.backends.docker import (HF_MOUNT, LABEL_CONFIG, LABEL_MANAGED, LABEL_MODEL, DockerBackend,
                                      build_config)
 from gateway.settings import Settings
 from tests.conftest import REALTIME_MODEL, ROOT
+from tests.polling import wait_for_state
 
 pytestmark = pytest.mark.docker
 
@@ -85,19 +85,6 @@ async def inspect(name: str) -> dict[str, Any] | None:
             if exc.status == 404:
                 return None
             raise
-
-
-async def wait_for_state(sup: RuntimeSupervisor, check: Callable[[RuntimeSnapshot], bool],
-                         timeout: float = 60.0) -> RuntimeSnapshot:
-    """Wait (through wait_changed) until the snapshot satisfies `check`."""
-    deadline = time.monotonic() + timeout
-    snap = sup.snapshot
-    while not check(snap):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"state not reached within {timeout} s; last snapshot {snap}")
-        snap = await sup.wait_changed(left, since=snap)
-    return snap
 
 
 # --- the create config (no container started)

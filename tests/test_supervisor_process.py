@@ -23,6 +23,7 @@ from gateway.backends.external import ExternalBackend
 from gateway.backends.process import ProcessBackend
 from gateway.settings import Settings
 from tests.conftest import REALTIME_MODEL, free_port, start_simulator
+from tests.polling import wait_for_state
 
 Factory = Callable[..., RuntimeSupervisor]
 
@@ -39,19 +40,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-async def wait_for_state(sup: RuntimeSupervisor, check: Callable[[RuntimeSnapshot], bool],
-                         timeout: float = 30.0) -> RuntimeSnapshot:
-    """Wait (through wait_changed) until the snapshot satisfies `check`."""
-    deadline = time.monotonic() + timeout
-    snap = sup.snapshot
-    while not check(snap):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"state not reached within {timeout} s; last snapshot {snap}")
-        snap = await sup.wait_changed(left, since=snap)
-    return snap
 
 
 async def models_served(base_url: str) -> list[str]:

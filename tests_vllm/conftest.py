@@ -14,13 +14,12 @@ before and after, since the session shares them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shlex
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from gateway.http.app import create_app
 from gateway.http.appkeys import ACCOUNTANT, REDIS, REDIS_KEYS, SUPERVISOR
 from gateway.logging import configure_logging
 from gateway.settings import Settings
+from tests.polling import eventually
 
 CACHE_DIR = Path(os.environ.get("LLM_GATEWAY_CACHE_DIR", "/var/cache/llm-gateway"))
 VLLM_VENV = Path(os.environ.get("VLLM_VENV", str(CACHE_DIR / "vllm-venv")))
@@ -96,20 +96,6 @@ def check_prerequisites() -> None:
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run `make test-vllm` (it builds the vLLM venv and the "
                     "tiny models before running these tests)", pytrace=False)
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
-    """Poll an (async or sync) check until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 @dataclass
