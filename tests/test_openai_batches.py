@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -19,23 +19,9 @@ from gateway.http.appkeys import SETTINGS, UPLOADS
 from gateway.openai_batches.lines import read_lines
 from tests.conftest import (KEY_IDS, REALTIME_MODEL, REDIS_URL, TOKENS, auth, eventually, free_port, start_simulator,
                             wait_http, wait_ready)
+from tests.test_files import _CLIENTS, _close_sdk_clients, sdk  # noqa: F401 (an autouse fixture)
 
 CHAT = "/v1/chat/completions"
-_CLIENTS: list[AsyncOpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_sdk_clients() -> AsyncIterator[None]:
-    yield
-    while _CLIENTS:
-        await _CLIENTS.pop().close()
-
-
-def sdk(client: Any, role: str = "batch") -> AsyncOpenAI:
-    """The official SDK pointed at the test gateway (closed after the test)."""
-    api = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=TOKENS[role], max_retries=0)
-    _CLIENTS.append(api)
-    return api
 
 
 @pytest.fixture(scope="module")
