@@ -38,27 +38,13 @@ from gateway.http.app import create_app  # noqa: E402
 from gateway.http.appkeys import DISPATCHER, SUPERVISOR  # noqa: E402
 from gateway.logging import configure_logging  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
-from benchlib import free_port
+from benchlib import delete_prefix, free_port, stop_processes, wait_up
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 MODEL = "bench/realtime"
 OTHER = "bench/batch-model"
 BATCH_TOKEN = "bench-batch-token-0001"
 REALTIME_TOKEN = "bench-realtime-token-0001"
-
-
-async def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError(url)
 
 
 class Gateway:
@@ -136,7 +122,7 @@ async def throughput(args: argparse.Namespace, tmp: Path, keys: Path, ttft: floa
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     r = aredis.Redis.from_url(REDIS_URL)
     try:
-        await wait_http(runtime + "/health")
+        await wait_up(runtime + "/health", timeout=30)
         common = {"runtime_backend": "external", "runtime_url": runtime, "max_concurrent_batch": args.slots}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
             # Direct first, as a warm-up of the simulator too.
@@ -189,11 +175,8 @@ async def throughput(args: argparse.Namespace, tmp: Path, keys: Path, ttft: floa
         print(f"gateway CPU per job (dispatcher, Redis and runtime clients; the benchmark's own sampling "
               f"included): {cpu_s / total * 1000:.2f} ms")
     finally:
-        sim.terminate()
-        sim.wait(10)
-        keys_left = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys_left:
-            await r.delete(*keys_left)
+        stop_processes([sim], timeout=10)
+        delete_prefix(REDIS_URL, prefix)
         await r.aclose()
 
 
@@ -206,7 +189,6 @@ async def swap_latency(args: argparse.Namespace, tmp: Path, keys: Path, sleep_mo
                             swap_realtime_idle_seconds=0.2, realtime_min_residency_seconds=0,
                             swap_grace_seconds=args.grace, runtime_expected_start_seconds=args.start_delay,
                             log_level=args.log_level)
-    r = aredis.Redis.from_url(REDIS_URL)
     try:
         async with Gateway(settings) as gw, aiohttp.ClientSession() as http:
             await enqueue(http, gw.url, 40, 8, model=OTHER, max_tokens=8)
@@ -229,10 +211,7 @@ async def swap_latency(args: argparse.Namespace, tmp: Path, keys: Path, sleep_mo
                     raise TimeoutError("realtime was not served")
                 await asyncio.sleep(0.05)  # a client retrying faster than Retry-After asks
     finally:
-        keys_left = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys_left:
-            await r.delete(*keys_left)
-        await r.aclose()
+        delete_prefix(REDIS_URL, prefix)
 
 
 async def main() -> None:

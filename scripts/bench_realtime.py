@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from benchlib import free_port, rss_mb, wait_up
+from benchlib import delete_prefix, free_port, rss_mb, stop_processes, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"
@@ -272,20 +272,8 @@ async def main() -> None:
         print(f"gateway RSS: idle {idle_rss:.1f} MB, peak during {paced_clients} streams {peak:.1f} MB, "
               f"after {rss_mb(gw2.pid):.1f} MB")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        import redis
-
-        r = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-        stale = list(r.scan_iter(match=f"{prefix}*"))
-        if stale:
-            r.delete(*stale)
-
+        stop_processes(procs)
+        delete_prefix(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), prefix)
 
 if __name__ == "__main__":
     asyncio.run(main())

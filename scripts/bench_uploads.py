@@ -30,7 +30,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from benchlib import free_port, rss_mb, wait_up
+from benchlib import delete_prefix, free_port, rss_mb, stop_processes, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"
@@ -207,21 +207,9 @@ async def main() -> None:
         print(f"gateway RSS: before the batch {idle:.1f} MB, peak during it {peak:.1f} MB, after "
               f"{rss_mb(gw.pid):.1f} MB")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         shutil.rmtree(tmp, ignore_errors=True)
-        import redis
-
-        r = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-        stale = list(r.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(stale), 1000):
-            r.delete(*stale[start:start + 1000])
-
+        delete_prefix(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), prefix)
 
 if __name__ == "__main__":
     asyncio.run(main())

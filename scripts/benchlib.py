@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import aiohttp
+import redis
 
 
 def free_port() -> int:
@@ -41,3 +43,25 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    """Terminate every process, then wait for each (killing one that outlives `timeout`)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every Redis key under `prefix` (what a run left behind), a thousand at a time."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stale = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(stale), 1000):
+            client.delete(*stale[start:start + 1000])
+    finally:
+        client.close()

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import redis
-from benchlib import free_port
+from benchlib import delete_prefix, free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "load-org/load-model"
@@ -211,14 +210,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             gateway.wait(60)
         except subprocess.TimeoutExpired:
             gateway.kill()
-        sim.terminate()
-        sim.wait(10)
+        stop_processes([sim], timeout=10)
         log.close()
-        r = redis.Redis.from_url(args.redis_url)
-        keys_left = list(r.scan_iter(match=prefix + "*", count=1000))
-        if keys_left:
-            r.delete(*keys_left)
-        r.close()
+        delete_prefix(args.redis_url, prefix)
     report["gateway_exit_code"] = gateway.returncode
     return report
 
