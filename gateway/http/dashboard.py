@@ -36,9 +36,9 @@ log = structlog.get_logger(component="dashboard")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # The repository's templates/ (a checkout or an editable install), else where a wheel puts them
 # (setup.cfg's data_files: <prefix>/share/llm-gateway/templates).
-TEMPLATES_DIR = next((d for d in (PACKAGE_DIR.parent / "templates",
-                                  Path(sys.prefix) / "share" / "llm-gateway" / "templates") if d.is_dir()),
-                     PACKAGE_DIR.parent / "templates")
+_CHECKOUT_TEMPLATES = PACKAGE_DIR.parent / "templates"
+TEMPLATES_DIR = (_CHECKOUT_TEMPLATES if _CHECKOUT_TEMPLATES.is_dir()
+                 else Path(sys.prefix) / "share" / "llm-gateway" / "templates")
 STATIC_DIR = PACKAGE_DIR / "static"
 _STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
 

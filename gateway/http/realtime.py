@@ -264,7 +264,7 @@ class _SseRelay:
                 return
             chunk, self.buffer = chunk[: cut + 2], chunk[cut + 2:]
         # Fast path: whole events with neither usage nor [DONE] are relayed as they came.
-        if b"data: [DONE]" in chunk or b'"usage":{' in chunk or b'"usage": {' in chunk:
+        if b"data: [DONE]" in chunk or _USAGE_MARKERS[0] in chunk or _USAGE_MARKERS[1] in chunk:
             out: list[bytes] = []
             for event in chunk.split(b"\n\n"):
                 if not event:
@@ -334,27 +334,29 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
                    else f"The runtime sent an event over {SSE_EVENT_MAX} bytes; the stream was cut."
                    if isinstance(exc, _EventTooLarge)
                    else "The runtime broke off the stream (it may have crashed); the answer is incomplete.")
-        try:
-            await response.write(b"data: " + error_body(message, type="server_error", code=f"upstream_{kind}")
-                                 + b"\n\ndata: [DONE]\n\n")
-            await response.write_eof()
-        except (ConnectionResetError, RuntimeError):
-            pass
+        await _end_with_error(response, message, f"upstream_{kind}")
         return response, False, relay.prompt_tokens, relay.completion_tokens
     if not relay.done:
         # The runtime closed the stream cleanly but without [DONE]: tell the client it is incomplete.
         metrics.UPSTREAM_ERRORS.labels("stream_truncated").inc()
-        try:
-            await response.write(b"data: " + error_body("The runtime ended the stream early; the answer is "
-                                                        "incomplete.", type="server_error",
-                                                        code="upstream_stream_broken") + b"\n\ndata: [DONE]\n\n")
-        except ConnectionResetError:
-            return response, False, relay.prompt_tokens, relay.completion_tokens
+        await _end_with_error(response, "The runtime ended the stream early; the answer is incomplete.",
+                              "upstream_stream_broken")
+        return response, False, relay.prompt_tokens, relay.completion_tokens
     try:
         await response.write_eof()
     except ConnectionResetError:
         pass
-    return response, relay.done, relay.prompt_tokens, relay.completion_tokens
+    return response, True, relay.prompt_tokens, relay.completion_tokens
+
+
+async def _end_with_error(response: web.StreamResponse, message: str, code: str) -> None:
+    """End a stream with an OpenAI-shaped error event and [DONE] (unless the client has left)."""
+    try:
+        await response.write(b"data: " + error_body(message, type="server_error", code=code)
+                             + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, RuntimeError):
+        pass
 
 
 @requires_scope(Scope.REALTIME)
