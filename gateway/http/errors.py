@@ -70,6 +70,17 @@ LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
 
 
+def parse_limit(query: Mapping[str, str], default: int = LIST_LIMIT_DEFAULT, maximum: int = LIST_LIMIT_MAX) -> int:
+    """The `limit` query parameter: an integer from 1 to `maximum` (400 naming it otherwise)."""
+    try:
+        limit = int(query.get("limit", default))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= maximum:
+        raise bad_request(f"'limit' must be an integer from 1 to {maximum}.", param="limit")
+    return limit
+
+
 def list_params(query: Mapping[str, str], *, cursor_prefix: str, cursor_what: str,
                 statuses: Iterable[str] | None = None) -> tuple[str | None, int, str | None]:
     """Parse the `status`, `limit` and `after` query parameters shared by the list routes.
@@ -81,12 +92,7 @@ def list_params(query: Mapping[str, str], *, cursor_prefix: str, cursor_what: st
         allowed = list(statuses)
         if status is not None and status not in allowed:
             raise bad_request(f"'status' must be one of {', '.join(allowed)}.", param="status")
-    try:
-        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
+    limit = parse_limit(query)
     after = query.get("after") or None
     if after is not None and not after.startswith(cursor_prefix):
         raise bad_request(f"'after' must be {cursor_what}.", param="after")

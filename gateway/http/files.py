@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import Scope, requires_scope
-from gateway.http.errors import ApiError, bad_request, json_response
+from gateway.http.errors import ApiError, bad_request, json_response, parse_limit
 from gateway.openai_batches.files import (DEFAULT_FILENAME, PURPOSE_INPUT, file_id, file_object, make_metadata,
                                           purpose_of, upload_id_of)
 from gateway.openai_batches.records import file_in_use
@@ -182,12 +182,7 @@ async def list_files(request: web.Request) -> web.Response:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad_request("'order' must be asc or desc.", param="order")
-    try:
-        limit = int(query.get("limit", LIST_LIMIT_DEFAULT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= LIST_LIMIT_MAX:
-        raise bad_request(f"'limit' must be an integer from 1 to {LIST_LIMIT_MAX}.", param="limit")
+    limit = parse_limit(query, default=LIST_LIMIT_DEFAULT, maximum=LIST_LIMIT_MAX)
     files = [i for i in request.app[UPLOADS].list_for_key(request[API_KEY].id)
              if i.finished and (purpose is None or purpose_of(i) == purpose)]
     files.sort(key=lambda i: (i.created_at, i.id), reverse=order == "desc")
