@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import REALTIME_MODEL, REDIS_URL, free_port, wait_http
 
@@ -38,12 +42,12 @@ def start_gateway(tmp_path: Path, name: str, env: dict[str, str],
     return proc, base, log_path
 
 
-def stop_gateway(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM (then SIGKILL after 20 s) and return the exit code."""
+def stop_gateway(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """SIGTERM (then SIGKILL after `timeout` seconds) and return the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
@@ -51,3 +55,16 @@ def stop_gateway(proc: subprocess.Popen[bytes]) -> int:
 
 
 __all__ = ["REALTIME_MODEL", "gateway_env", "start_gateway", "stop_gateway"]
+
+
+def http_status(url: str, token: str, body: dict[str, Any] | None = None) -> int:
+    """The status of a GET (or, with a body, a JSON POST) to a live gateway, as `token`."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {token}",
+                                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)

@@ -5,12 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from gateway.http.auth import hash_token
 from gateway.redis_keys import RedisKeys
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, TOKENS, auth, free_port, wait_http, wait_ready, \
     write_keys_file
+from tests.liveproc import http_status, stop_gateway
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -40,18 +38,6 @@ def cli_env(tmp_path: Path, redis_prefix: str) -> dict[str, str]:
     env.update({"REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix, "LOG_FORMAT": "json",
                 "AUTH_KEYS_FILE": str(write_keys_file(tmp_path / "keys.json"))})
     return env
-
-
-def http_status(url: str, token: str, body: dict[str, Any] | None = None) -> int:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {token}",
-                                                          "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
 
 
 @pytest.fixture
@@ -71,13 +57,7 @@ def running_gateway(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[s
         wait_http(base + "/ready", timeout=60, proc=proc)
         yield proc, base
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_gateway(proc, timeout=30)
 
 
 def test_keys_create_list_revoke_with_reload(tmp_path: Path, cli_env: dict[str, str],

@@ -8,24 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from gateway.http.app import create_app
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, free_port, wait_http, wait_ready
-
-
-def post(url: str, token: str, body: dict[str, Any]) -> int:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+from tests.liveproc import http_status
 
 
 def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, redis_prefix: str) -> None:
@@ -44,21 +32,21 @@ def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, red
         wait_http(base + "/ready", timeout=30, proc=proc)
         body = {"model": REALTIME_MODEL, "prompt": "x", "max_tokens": 2}
         url = base + "/v1/completions"
-        assert post(url, "old-token-1234", body) == 200
-        assert post(url, "new-token-5678", body) == 401
+        assert http_status(url, "old-token-1234", body) == 200
+        assert http_status(url, "new-token-5678", body) == 401
 
         keys.write_text(json.dumps({"keys": [{"id": "new", "token": "new-token-5678", "scopes": ["realtime"]}]}))
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while post(url, "new-token-5678", body) != 200:
+        while http_status(url, "new-token-5678", body) != 200:
             assert time.monotonic() < deadline, "SIGHUP did not load the new key"
             time.sleep(0.05)
-        assert post(url, "old-token-1234", body) == 401
+        assert http_status(url, "old-token-1234", body) == 401
 
         keys.write_text("{ this is not json")
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
-        assert post(url, "new-token-5678", body) == 200, "a bad keys file must keep the old keys"
+        assert http_status(url, "new-token-5678", body) == 200, "a bad keys file must keep the old keys"
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
