@@ -184,9 +184,12 @@ async def test_scopes_of_the_files_routes(gateway: Any) -> None:
 
 async def test_redis_down_is_a_503_not_a_500(aiohttp_client: Any, make_settings: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")))
-    routes = (("GET", "/v1/batches"), ("GET", "/v1/batches/batch_x"), ("POST", "/v1/batches/batch_x/cancel"))
-    for method, path in routes:
-        resp = await client.request(method, path, headers=auth("batch"))
+    # The Batches routes, and every other route that needs Redis (jobs, evals): one answer for all.
+    routes = (("GET", "/v1/batches", "batch"), ("GET", "/v1/batches/batch_x", "batch"),
+              ("POST", "/v1/batches/batch_x/cancel", "batch"), ("GET", "/v1/jobs", "batch"),
+              ("GET", "/v1/jobs/job_0123456789abcdef01234567", "batch"), ("GET", "/eval/runs", "eval"))
+    for method, path, role in routes:
+        resp = await client.request(method, path, headers=auth(role))
         assert resp.status == 503, (path, await resp.text())
         assert resp.headers["Retry-After"] == "5"
         assert (await resp.json())["error"]["code"] == "redis_unavailable"

@@ -22,7 +22,7 @@ from gateway.batch.jobs import METADATA_KEY_MAX, METADATA_VALUE_MAX, PRIORITY_MA
 from gateway.http.appkeys import API_KEY, BATCH_QUEUE, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import Scope, requires_scope
 from gateway.http.errors import ApiError, bad_request, json_response, list_params, parse_json_object
-from gateway.http.files import owned_file, redis_guard
+from gateway.http.files import owned_file
 from gateway.openai_batches.files import PURPOSE_INPUT, file_id, purpose_of
 from gateway.openai_batches.manager import BatchManager
 from gateway.openai_batches.records import BatchRecords, BatchStatus, batch_view, new_batch_id
@@ -52,7 +52,6 @@ def _metadata(value: object) -> dict[str, str]:
 
 
 @requires_scope(Scope.BATCH)
-@redis_guard
 async def create_batch(request: web.Request) -> web.Response:
     """POST /v1/batches: check the request and the input file, store the batch (validating), wake the manager."""
     data = parse_json_object(await request.read())
@@ -101,7 +100,6 @@ async def create_batch(request: web.Request) -> web.Response:
 
 
 @requires_scope(Scope.BATCH)
-@redis_guard
 async def list_batches(request: web.Request) -> web.Response:
     """GET /v1/batches?after=&limit=: the caller's batches, newest first."""
     _, limit, after = list_params(request.query, cursor_prefix="batch_",
@@ -113,7 +111,6 @@ async def list_batches(request: web.Request) -> web.Response:
 
 
 @requires_scope(Scope.BATCH)
-@redis_guard
 async def get_batch(request: web.Request) -> web.Response:
     """GET /v1/batches/{batch_id}: the batch object with its status and request counts."""
     batch_id = request.match_info["batch_id"]
@@ -124,7 +121,6 @@ async def get_batch(request: web.Request) -> web.Response:
 
 
 @requires_scope(Scope.BATCH)
-@redis_guard
 async def cancel_batch(request: web.Request) -> web.Response:
     """POST /v1/batches/{batch_id}/cancel: stop a validating or in-progress batch (409 once finalizing or final)."""
     batch_id = request.match_info["batch_id"]

@@ -13,14 +13,11 @@ that also holds the batch scope shows up here without a copy. Another key's file
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
-import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from redis.exceptions import RedisError
 
 from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import Scope, requires_scope
@@ -37,24 +34,6 @@ SMALL_FIELD_MAX = 1024
 LIST_LIMIT_DEFAULT = 10_000
 LIST_LIMIT_MAX = 10_000
 PURPOSES = (PURPOSE_INPUT, "batch_output")
-
-log = structlog.get_logger(component="openai_batches")
-
-
-def redis_guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Answer 503 with Retry-After, not a 500, while Redis (where batches live) is unreachable."""
-
-    @functools.wraps(handler)
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except RedisError as exc:
-            log.warning("openai_batch_redis_unavailable", path=request.path, error=str(exc))
-            raise ApiError(503, "The batch store (Redis) is unreachable right now; retry shortly.",
-                           type="server_error", code="redis_unavailable", headers={"Retry-After": "5"}) from None
-
-    return guarded
 
 
 def _not_found(raw_id: str) -> ApiError:
@@ -231,7 +210,6 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 
 
 @requires_scope(Scope.BATCH)
-@redis_guard
 async def delete_file(request: web.Request) -> web.Response:
     """DELETE /v1/files/{file_id}: remove the file; 409 while an unfinished batch reads it."""
     raw_id = request.match_info["file_id"]

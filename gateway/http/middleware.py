@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.http import session
@@ -58,6 +59,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = exc.response()
     except web.HTTPException as exc:
         response = _http_exception_response(request, exc)
+    except RedisError as exc:
+        # Jobs, batches, evals and usage live in Redis: while it is unreachable that is a 503 to retry,
+        # not an internal error.
+        log.warning("redis_unavailable", method=request.method, path=request.path, error=str(exc))
+        response = error_response(503, "Redis, where the gateway keeps jobs, batches and evaluations, is "
+                                  "unreachable right now; retry shortly.", type="server_error",
+                                  code="redis_unavailable", headers={"Retry-After": "5"})
     except Exception:
         log.exception("unhandled_error", method=request.method, path=request.path)
         response = error_response(500, f"Internal error; quote request id {request_id} when reporting it.",
