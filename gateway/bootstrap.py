@@ -17,9 +17,8 @@ from typing import Protocol, TypeVar
 import aiohttp
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis
 
-from gateway import metrics
+from gateway import metrics, redis_client
 from gateway.activity import RealtimeActivity
 from gateway.actors.dispatcher import BatchDispatcher
 from gateway.actors.evals import EvalRunner
@@ -66,7 +65,6 @@ from gateway.http.appkeys import (
 )
 from gateway.keys import Keyring
 from gateway.openai_batches.manager import BatchManager
-from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 from gateway.uploads import UploadStore, UploadSweeper
 from gateway.upstream import UpstreamPool
@@ -108,12 +106,11 @@ def actor_ctx(key: web.AppKey[C], factory: Callable[[web.Application], C],
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Short socket timeouts: a dead Redis must fail fast, never hang a request or an actor.
-    app[REDIS] = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                health_check_interval=30)
+    app[REDIS] = await redis_client.open_client(settings, socket_timeout=5, socket_connect_timeout=2)
     app[BATCH_QUEUE] = JobQueue(app[REDIS], app[REDIS_KEYS], settings)
     app[USAGE] = UsageStore(app[REDIS], app[REDIS_KEYS], daily_ttl_days=settings.usage_daily_ttl_days)
     yield
-    await app[REDIS].aclose()
+    await redis_client.close(app[REDIS])
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -198,7 +195,7 @@ def create_app(settings: Settings) -> web.Application:
     keyring = Keyring(settings.auth_keys_file)
     keyring.load()
     app[KEYRING] = keyring
-    app[REDIS_KEYS] = RedisKeys(settings.redis_prefix)
+    app[REDIS_KEYS] = redis_client.keys_for(settings)
     app[ACTIVITY] = RealtimeActivity()
     app[_DRAIN_TASKS] = []
 

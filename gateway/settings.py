@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     # --- Redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("", description="Prefix for every Redis key (tests use one of their own)")
+    redis_cluster: bool = Field(False, description="REDIS_URL names a node of a Redis Cluster (docs/redis.md)")
 
     # --- runtime
     runtime_backend: RuntimeBackend = RuntimeBackend.PROCESS
@@ -251,6 +252,16 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _redis_prefix(cls, value: str) -> str:
+        # Braces would become a Redis Cluster hash tag and move every key into one slot of the prefix's.
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or } (Redis Cluster reads braces as a hash tag)")
+        if len(value) > 100:
+            raise ValueError("use at most 100 characters")
         return value
 
     @field_validator("realtime_model")

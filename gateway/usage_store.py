@@ -4,6 +4,12 @@ Layout: `key_usage:<key_id>` (all-time counters), `key_usage:<key_id>::YYYYMMDD`
 after USAGE_DAILY_TTL_DAYS), and the id sets `key_usage_ids` / `key_usage_ids::YYYYMMDD` that make
 listings possible without a SCAN. The accountant writes through `add`; the monitor API, the dashboard
 and the CLI read through the queries below.
+
+Every flush is numbered by its writer (`FlushId`: instance and sequence number). One script per key id
+applies the key's counters and records the number in `key_usage:<key_id>::flushes`, all in the key's
+hash slot (`{<key_id>}`), and skips a flush whose number it has seen: a flush retried after a lost reply
+or a half-done round trip (a cluster spreads the keys over nodes) is never counted twice. The id sets are
+plain SADDs, idempotent by nature.
 """
 
 from __future__ import annotations
@@ -15,9 +21,44 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
+from gateway import redis_client
 from gateway.redis_keys import RedisKeys
 
 FIELDS = ("requests", "successes", "errors", "prompt_tokens", "completion_tokens")
+FLUSHES_TTL = 7 * 86400  # the flush record of a key outlives any retry of a flush
+
+# Apply one flush to one key id, at most once. KEYS: flushes, all-time hash, then one hash per day.
+# ARGV: instance, seq, flushes ttl, daily ttl, last_used_at, then the FIELDS counts (all-time), then
+# per day: last_used_at and the FIELDS counts.
+_APPLY = """
+local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if seen >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local names = {'requests', 'successes', 'errors', 'prompt_tokens', 'completion_tokens'}
+local function add(key, at, base)
+  for i = 1, 5 do
+    local v = tonumber(ARGV[base + i])
+    if v ~= 0 then redis.call('HINCRBY', key, names[i], v) end
+  end
+  redis.call('HSET', key, 'last_used_at', at)
+end
+add(KEYS[2], ARGV[5], 5)
+for d = 3, #KEYS do
+  local base = 10 + (d - 3) * 6
+  add(KEYS[d], ARGV[base + 1], base + 1)
+  redis.call('EXPIRE', KEYS[d], ARGV[4])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushId:
+    """Names one flush of one writer: a retry of the flush carries the same id."""
+
+    instance: str
+    seq: int
 
 
 def utc_day(ts: float) -> str:
@@ -41,6 +82,14 @@ class UsageDelta:
     last_used_at: float
 
 
+def _by_day(days: Mapping[str, list[UsageDelta]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key_id, deltas in days.items():
+        for delta in deltas:
+            out.setdefault(delta.day, []).append(key_id)
+    return out
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -56,32 +105,37 @@ class UsageStore:
         self.redis = redis
         self.keys = keys
         self.daily_ttl = daily_ttl_days * 86400
+        self._apply = redis.register_script(_APPLY)
 
     async def add(self, totals: Mapping[str, Mapping[str, int]], daily: Iterable[UsageDelta],
-                  last_used: Mapping[str, float]) -> None:
-        """Add the counters in one pipeline.
+                  last_used: Mapping[str, float], flush: FlushId) -> int:
+        """Apply one flush: per key id one script (counters and flush record together), plus the id sets.
 
-        Not a MULTI: the usage keys of one key id live in different hash slots.
+        Safe to retry with the same `flush` after any failure: keys that already have it are skipped.
+        Returns how many key ids had it applied now.
         """
-        pipe = self.redis.pipeline(transaction=False)
-        for key_id, counts in totals.items():
-            key = self.keys.key_usage(key_id)
-            for name, value in counts.items():
-                if value:
-                    pipe.hincrby(key, name, value)
-            pipe.hset(key, "last_used_at", f"{last_used[key_id]:.3f}")
-            pipe.sadd(self.keys.key_usage_ids, key_id)
+        days: dict[str, list[UsageDelta]] = {}
         for delta in daily:
-            key = self.keys.key_usage_day(delta.key_id, delta.day)
-            for name, value in delta.counts.items():
-                if value:
-                    pipe.hincrby(key, name, value)
-            pipe.hset(key, "last_used_at", f"{delta.last_used_at:.3f}")
-            pipe.expire(key, self.daily_ttl)
-            ids_key = self.keys.key_usage_day_ids(delta.day)
-            pipe.sadd(ids_key, delta.key_id)
+            days.setdefault(delta.key_id, []).append(delta)
+        calls: list[redis_client.ScriptCall] = []
+        for key_id, counts in totals.items():
+            keys = [self.keys.usage_flushes(key_id), self.keys.key_usage(key_id)]
+            args: list[object] = [flush.instance, flush.seq, FLUSHES_TTL, self.daily_ttl,
+                                  f"{last_used[key_id]:.3f}", *(int(counts.get(n, 0)) for n in FIELDS)]
+            for delta in days.get(key_id, []):
+                keys.append(self.keys.key_usage_day(key_id, delta.day))
+                args.extend((f"{delta.last_used_at:.3f}", *(int(delta.counts.get(n, 0)) for n in FIELDS)))
+            calls.append((self._apply, keys, args))
+        # The id sets first (idempotent): a key's counters are never written without it being listed.
+        pipe = self.redis.pipeline(transaction=False)
+        if totals:
+            pipe.sadd(self.keys.key_usage_ids, *totals)
+        for day, ids in sorted(_by_day(days).items()):
+            ids_key = self.keys.key_usage_day_ids(day)
+            pipe.sadd(ids_key, *ids)
             pipe.expire(ids_key, self.daily_ttl)
         await pipe.execute()
+        return sum(int(r) for r in await redis_client.run_scripts(self.redis, calls))
 
     async def top(self, *, limit: int, bucket: str | None) -> list[dict[str, object]]:
         """Usage rows, all-time or for one UTC day (YYYYMMDD), busiest keys first."""

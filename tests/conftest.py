@@ -10,14 +10,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_sync
+import redis.asyncio as aredis
+import redis.asyncio.cluster as aredis_cluster
 
 from gateway.logging import configure_logging
 from gateway.settings import Settings
+from tests.helpers_cluster import LocalCluster
 from tests.polling import eventually  # noqa: F401 (tests import it from here)
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -111,15 +115,65 @@ def sim_url() -> Iterator[str]:
     proc.wait(10)
 
 
+@dataclass(frozen=True)
+class RedisBackend:
+    """Where a test's Redis is: the single local server, or the local 3-master Redis Cluster."""
+
+    name: str
+    url: str
+    cluster: bool
+
+    def sync_client(self, **options: Any) -> Any:
+        """A synchronous client of this backend (redis.Redis or redis.RedisCluster)."""
+        if self.cluster:
+            return redis_sync.RedisCluster.from_url(self.url, **options)
+        return redis_sync.Redis.from_url(self.url, **options)
+
+    def async_client(self, **options: Any) -> Any:
+        """An asyncio client of this backend (redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster)."""
+        if self.cluster:
+            return aredis_cluster.RedisCluster.from_url(self.url, **options)
+        return aredis.Redis.from_url(self.url, **options)
+
+
+SINGLE = RedisBackend("single", REDIS_URL, False)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real local 3-master Redis Cluster for the session (started on first use, from redis-server)."""
+    cluster = LocalCluster.start(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_backend(request: pytest.FixtureRequest) -> RedisBackend:
+    """Runs a test on one Redis and on a Redis Cluster (a module opts in with
+    `pytestmark = pytest.mark.usefixtures("redis_backend")`); make_settings and redis_prefix follow it."""
+    if request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return RedisBackend("cluster", cluster.url, True)
+    return SINGLE
+
+
+def _backend(request: pytest.FixtureRequest) -> RedisBackend:
+    if "redis_backend" in request.fixturenames:
+        backend: RedisBackend = request.getfixturevalue("redis_backend")
+        return backend
+    return SINGLE
+
+
 @pytest.fixture
-def redis_prefix() -> Iterator[str]:
+def redis_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
     """A unique key prefix; every key under it is deleted after the test."""
+    backend = _backend(request)
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    client = redis_sync.Redis.from_url(REDIS_URL)
+    client = backend.sync_client()
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
+    for key in keys:  # one by one: on a cluster the keys are spread over slots
+        client.delete(key)
     client.close()
 
 
@@ -130,12 +184,16 @@ def keys_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, redis_prefix: str, keys_file: Path, sim_url: str) -> Callable[..., Settings]:
-    """Settings for a test: external runtime at the shared simulator unless overridden."""
+def make_settings(tmp_path: Path, redis_prefix: str, keys_file: Path, sim_url: str,
+                  request: pytest.FixtureRequest) -> Callable[..., Settings]:
+    """Settings for a test: external runtime at the shared simulator unless overridden (and the test's
+    Redis backend, when the test runs on both)."""
+    backend = _backend(request)
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "redis_url": REDIS_URL,
+            "redis_url": backend.url,
+            "redis_cluster": backend.cluster,
             "redis_prefix": redis_prefix,
             "auth_keys_file": str(keys_file),
             "realtime_model": REALTIME_MODEL,

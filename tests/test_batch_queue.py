@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aredis
 
 from gateway.batch.jobs import Endpoint, Submission, new_job_id
 from gateway.batch.queue import JobQueue
+from gateway.redis_client import connect, keys_for
 from gateway.redis_keys import RedisKeys
-from tests.conftest import REDIS_URL
 
 MODEL = "m/one"
+pytestmark = pytest.mark.usefixtures("redis_backend")  # every test on one Redis and on a Redis Cluster
 
 
 def sub(priority: int = 0, model: str = MODEL, prompt: str = "x") -> Submission:
@@ -25,13 +25,13 @@ def sub(priority: int = 0, model: str = MODEL, prompt: str = "x") -> Submission:
 
 @pytest.fixture
 async def make_queue(make_settings: Callable[..., Any]) -> AsyncIterator[Callable[..., JobQueue]]:
-    clients: list[aredis.Redis] = []
+    clients: list[Any] = []
 
     def build(**overrides: Any) -> JobQueue:
         settings = make_settings(**overrides)
-        client = aredis.Redis.from_url(REDIS_URL)
+        client = connect(settings)
         clients.append(client)
-        return JobQueue(client, RedisKeys(settings.redis_prefix), settings)
+        return JobQueue(client, keys_for(settings), settings)
 
     yield build
     for client in clients:
@@ -82,7 +82,9 @@ async def test_claim_leases_and_marks_running(make_queue: Callable[..., JobQueue
     queue = make_queue(batch_lease_seconds=30)
     job_id = (await queue.enqueue("k", sub()))["id"]
     [held] = await queue.claim(MODEL, 5, "owner-a")
-    assert held.id == job_id and held.attempt == 1 and held.fields["status"] == "running"
+    # Claimed, not yet sent: no attempt counted until mark_sent.
+    assert held.id == job_id and held.attempt == 0 and held.fields["status"] == "running"
+    assert await queue.mark_sent(held) == 1 and held.attempt == 1
     assert held.token.startswith("owner-a:")
     r, keys = queue.redis, queue.keys
     assert await r.hget(keys.batch_lease_tokens, job_id) == held.token.encode()
@@ -98,13 +100,15 @@ async def test_expired_lease_is_taken_back_and_stale_holder_is_fenced(make_queue
     queue = make_queue(batch_lease_seconds=0.5)
     job_id = (await queue.enqueue("k", sub()))["id"]
     [stale] = await queue.claim(MODEL, 1, "dead-gateway")
+    assert await queue.mark_sent(stale) == 1
     assert await queue.reap() == 0  # lease still valid
     await asyncio.sleep(0.7)
     assert await queue.reap() == 1
     job = await queue.get(job_id)
     assert job is not None and job["status"] == "queued" and job["requeue_reason"] == "lease_expired"
     [fresh] = await queue.claim(MODEL, 1, "live-gateway")
-    assert fresh.attempt == 2 and fresh.token != stale.token
+    assert await queue.mark_sent(fresh) == 2 and fresh.token != stale.token
+    assert await queue.mark_sent(stale) is None
     # The old holder comes back: nothing it writes lands, its lease calls are no-ops.
     assert await queue.update(stale, {"status": "completed"}, final=True) is None
     assert await queue.renew([stale]) == {job_id}
@@ -126,15 +130,54 @@ async def test_renew_keeps_lease_alive(make_queue: Callable[..., JobQueue]) -> N
         assert await queue.reap() == 0
 
 
-async def test_reaper_repairs_a_holder_that_died_between_steps(make_queue: Callable[..., JobQueue]) -> None:
-    """Job hash already back to queued but the id still leased (crash between the two commands)."""
-    queue = make_queue(batch_lease_seconds=0.3)
+async def test_claimed_ahead_jobs_never_sent_cost_no_attempt(make_queue: Callable[..., JobQueue]) -> None:
+    """A gateway dies holding jobs it claimed ahead but never sent: they come back with no attempt spent."""
+    queue = make_queue(batch_lease_seconds=0.3, batch_max_attempts=1)
+    ids = [(await queue.enqueue("k", sub(prompt=str(i))))["id"] for i in range(3)]
+    held = await queue.claim(MODEL, 3, "dies")
+    assert sorted(j.id for j in held) == sorted(ids)
+    await asyncio.sleep(0.4)
+    assert await queue.reap() == 3
+    for job_id in ids:
+        job = await queue.get(job_id)
+        assert job is not None and job["status"] == "queued" and job["attempt"] == "0"
+    # With one attempt allowed, every one of them still gets it.
+    again = await queue.claim(MODEL, 3, "b")
+    assert len(again) == 3 and all(j.fields["status"] == "running" for j in again)
+
+
+async def test_each_step_writes_its_status_and_its_event_together(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue()
     job_id = (await queue.enqueue("k", sub()))["id"]
     [held] = await queue.claim(MODEL, 1, "a")
-    assert await queue.update(held, {"status": "queued", "claim": ""}) == 1
-    await asyncio.sleep(0.4)
-    assert await queue.reap() == 1
-    assert [j.id for j in await queue.claim(MODEL, 1, "b")] == [job_id]
+    await queue.mark_sent(held)
+    assert await queue.update(held, {"error": "attempt 1: boom"}, attempt_delta=1, event="retried",
+                              reason="runtime_5xx") == 2
+    assert await queue.requeue(held, "preempted", count_attempt=False)
+    [held] = await queue.claim(MODEL, 1, "a")
+    await queue.mark_sent(held)
+    assert await queue.finish(held, {"status": "completed", "response": b"{}"}, "completed")
+    events = [(e[b"event"].decode(), e[b"status"].decode(), e[b"attempt"].decode(), e.get(b"reason"))
+              for _, e in await queue.redis.xrange(queue.keys.job_events) if e[b"job_id"].decode() == job_id]
+    assert events == [("enqueued", "queued", "0", None), ("started", "running", "1", None),
+                      ("retried", "running", "2", b"runtime_5xx"), ("requeued", "queued", "1", b"preempted"),
+                      ("started", "running", "2", None), ("completed", "completed", "2", None)]
+    assert await queue.redis.zcard(queue.keys.batch_leases) == 0
+    assert await queue.redis.hlen(queue.keys.batch_lease_tokens) == 0
+
+
+async def test_finish_many_in_one_round_trip(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue()
+    for i in range(5):
+        await queue.enqueue("k", sub(prompt=str(i)))
+    held = await queue.claim(MODEL, 5, "a")
+    cancelled = held[0]
+    assert (await queue.cancel(cancelled.id, "k"))[0] == "cancelled"
+    done = await queue.finish_many([(j, {"status": "completed"}, "completed") for j in held])
+    assert done == [False, True, True, True, True]
+    assert await queue.redis.zcard(queue.keys.batch_leases) == 0
+    statuses = [(await queue.get(j.id))["status"] for j in held]  # type: ignore[index]
+    assert statuses == ["cancelled"] + ["completed"] * 4
 
 
 async def test_leased_job_that_was_finished_only_loses_its_lease(make_queue: Callable[..., JobQueue]) -> None:
@@ -153,7 +196,8 @@ async def test_gives_up_after_max_attempts_of_lost_holders(make_queue: Callable[
     queue = make_queue(batch_lease_seconds=0.2, batch_max_attempts=2)
     job_id = (await queue.enqueue("k", sub()))["id"]
     for _ in range(2):
-        assert len(await queue.claim(MODEL, 1, "dies")) == 1
+        [held] = await queue.claim(MODEL, 1, "dies")
+        assert await queue.mark_sent(held) is not None
         await asyncio.sleep(0.3)
         assert await queue.reap() == 1
     assert await queue.claim(MODEL, 1, "c") == []
@@ -173,7 +217,11 @@ async def test_preempted_requeue_does_not_count_an_attempt(make_queue: Callable[
     job = await queue.get(first)
     assert job is not None and job["status"] == "queued" and job["attempt"] == "0"
     [again] = await queue.claim(MODEL, 1, "a")
-    assert again.id == first and again.attempt == 1  # back at its original place, first in line
+    assert again.id == first  # back at its original place, first in line
+    assert await queue.mark_sent(again) == 1
+    # Sent, then preempted: the attempt it had counted is given back.
+    assert await queue.requeue(again, "preempted", count_attempt=False)
+    assert (await queue.get(first))["attempt"] == "0"  # type: ignore[index]
 
 
 async def test_cancel_running_clears_claim(make_queue: Callable[..., JobQueue]) -> None:
@@ -190,13 +238,22 @@ async def test_cancel_running_clears_claim(make_queue: Callable[..., JobQueue]) 
 def test_queue_keys_share_one_cluster_slot() -> None:
     keys = RedisKeys("deploy-a:")
     names = [keys.batch_ready("org/model-x"), keys.batch_ready("other"), keys.batch_models, keys.batch_leases,
-             keys.batch_lease_tokens, keys.batch_claim_seq]
+             keys.batch_lease_tokens, keys.batch_claim_seq, keys.job("job_1"), keys.job_index("k"), keys.job_owners,
+             keys.job_events, keys.openai_batch("b"), keys.openai_batch_jobs("b"), keys.openai_batches_active]
     for name in names:
         assert name.startswith("deploy-a:")
         start = name.index("{")
         assert name[start:name.index("}") + 1] == "{batch}"
-    assert RedisKeys("").job("job_1") == "job:job_1"
-    assert RedisKeys("").job_events == "job_events"
+    assert RedisKeys("").job("job_1") == "{batch}:job:job_1"
+    assert RedisKeys("").job_events == "{batch}:job_events"
+
+
+def test_pubsub_channels_carry_prefix_and_database() -> None:
+    a, b, c = RedisKeys("deploy:", db=0), RedisKeys("deploy:", db=3), RedisKeys("other:", db=3)
+    for keys, prefix, db in ((a, "deploy:", 0), (b, "deploy:", 3), (c, "other:", 3)):
+        for channel in (keys.batch_notify, keys.batch_cancel):
+            assert channel.startswith(prefix) and f"db{db}:" in channel
+    assert len({a.batch_notify, b.batch_notify, c.batch_notify}) == 3
 
 
 async def test_event_stream_trimmed_by_length(make_queue: Callable[..., JobQueue]) -> None:
@@ -215,19 +272,3 @@ async def test_event_stream_trimmed_by_age(make_queue: Callable[..., JobQueue]) 
     await queue.trim_events()
     events = [e[b"event"] for _, e in await r.xrange(queue.keys.job_events)]
     assert events == [b"enqueued"]
-
-
-async def test_reaper_appends_the_event_of_a_holder_that_died_after_finishing(
-        make_queue: Callable[..., JobQueue]) -> None:
-    queue = make_queue(batch_lease_seconds=0.3)
-    job_id = (await queue.enqueue("k", sub()))["id"]
-    [held] = await queue.claim(MODEL, 1, "a")
-    # What `finish` writes first; the process "dies" before the event and the lease release.
-    assert await queue.update(held, {"status": "completed", "claim": "", "final_event": "completed"},
-                              final=True) == 1
-    await asyncio.sleep(0.4)
-    assert await queue.reap() == 0
-    events = [(e[b"job_id"].decode(), e[b"event"], e.get(b"reason"))
-              for _, e in await queue.redis.xrange(queue.keys.job_events)]
-    assert events[-1] == (job_id, b"completed", b"recovered")
-    assert await queue.redis.zcard(queue.keys.batch_leases) == 0

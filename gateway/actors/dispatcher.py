@@ -596,8 +596,6 @@ class BatchDispatcher(Actor):
         """Send the job to the runtime until it completes, fails for good or runs out of attempts."""
         settings = self.settings
         fields = job.fields
-        if job.attempt == 1:
-            metrics.BATCH_QUEUE_WAIT.observe(max(0.0, time.time() - float(fields.get("created_at") or time.time())))
         body = fields["request"].encode()
         if self.settings.priority_scheduling:
             # The stored body never has a 'priority' (parse_submission takes the job's own out).
@@ -608,6 +606,13 @@ class BatchDispatcher(Actor):
         backoff = settings.batch_retry_backoff_seconds
         flags = {f for f in fields.get("flags", "").split(",") if f}
         snap = await self._runtime_for(job.model)
+        # The attempt counts from here: a job claimed ahead and given back before this cost none.
+        if await self.queue.mark_sent(job) is None:
+            self.log.info("batch_job_lost", job_id=job.id, reason="cancelled or taken back")
+            await self.queue.release(job)
+            return
+        if job.attempt == 1:
+            metrics.BATCH_QUEUE_WAIT.observe(max(0.0, time.time() - float(fields.get("created_at") or time.time())))
         while True:
             before = snap
             url = (snap.base_url or "").rstrip("/").removesuffix("/v1") + endpoint
@@ -675,13 +680,12 @@ class BatchDispatcher(Actor):
             update["flags"] = ",".join(sorted(flags))
             if status is not None:
                 update["runtime_status"] = str(status)
-            new_attempt = await self.queue.update(job, update, attempt_delta=1)
+            new_attempt = await self.queue.update(job, update, attempt_delta=1, event="retried", reason=kind)
             if new_attempt is None:
                 self.log.info("batch_job_lost", job_id=job.id, reason="cancelled or taken back")
                 await self.queue.release(job)
                 return
             metrics.BATCH_JOBS.labels("retried").inc()
-            await self.queue.event(job.fields, "retried", reason=kind)
             self.log.info("batch_job_retry", job_id=job.id, attempt=new_attempt, reason=kind,
                           crash_log=crash_log)
 

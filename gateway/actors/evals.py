@@ -23,7 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway import metrics
+from gateway import metrics, redis_client
 from gateway.actors.base import STOP, Actor
 from gateway.actors.job_feed import JobEventFeed
 from gateway.batch.jobs import Endpoint, parse_submission
@@ -281,7 +281,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             if not raw_requests:
                 await self._fail(run, "run_eval.py prepare selected no samples", "no_samples")
                 return
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = await redis_client.transaction(self.redis)  # one slot: `{evals}`
             pipe.delete(self.keys.eval_run_requests(run_id))
             pipe.rpush(self.keys.eval_run_requests(run_id), *raw_requests)
             await pipe.execute()

@@ -11,7 +11,8 @@ from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.actors.base import STOP, Actor
-from gateway.usage_store import FIELDS, UsageDelta, UsageStore, utc_day
+from gateway.batch.queue import instance_id
+from gateway.usage_store import FIELDS, FlushId, UsageDelta, UsageStore, utc_day
 
 
 @dataclass(slots=True)
@@ -27,11 +28,16 @@ class UsageEvent:
 
 
 class UsageAccountant(Actor):
-    """Aggregates usage events in memory and writes them to Redis in one pipeline per flush.
+    """Aggregates usage events in memory and writes them to Redis in one round trip per flush.
 
     `record()` never awaits and never fails: the proxy calls it with `put_nowait` semantics. While Redis
     is unreachable, events stay buffered up to `buffer_max` (beyond that they are dropped and counted in
     llm_gateway_usage_events_dropped_total) and are written once Redis answers again.
+
+    Each flush is numbered (this process's instance id and a sequence number) and retried with the same
+    number and the same events until it succeeds, so a retry is never counted twice (UsageStore.add). What
+    a kill -9 loses is what was not yet flushed: at most one flush interval of events while Redis answers,
+    and the whole buffer (at most `buffer_max` events) while it does not.
     """
 
     name = "usage"
@@ -42,12 +48,15 @@ class UsageAccountant(Actor):
         self.buffer_max = buffer_max
         self.flush_interval = flush_interval
         self._pending: list[UsageEvent] = []
+        self._batch: tuple[FlushId, list[UsageEvent]] | None = None  # the flush being written (or retried)
+        self._instance = instance_id()
+        self._seq = 0
         self._wake = asyncio.Event()
         self.flushed_events = 0
 
     def record(self, event: UsageEvent) -> None:
         """Account one event (never blocks; drops and counts when the buffer is full)."""
-        if len(self._pending) >= self.buffer_max:
+        if self.buffered >= self.buffer_max:
             metrics.USAGE_EVENTS_DROPPED.inc()
             return
         self._pending.append(event)
@@ -59,22 +68,22 @@ class UsageAccountant(Actor):
     @property
     def buffered(self) -> int:
         """Events not yet written to Redis."""
-        return len(self._pending)
+        return len(self._pending) + (len(self._batch[1]) if self._batch is not None else 0)
 
     async def run(self) -> None:
         backoff = self.flush_interval
         while True:
             stop = not self.inbox.empty() and self.inbox.get_nowait() is STOP
-            if self._pending:
+            if self._pending or self._batch is not None:
                 try:
                     await self.flush()
                     backoff = self.flush_interval
                 except (RedisError, OSError) as exc:
                     metrics.USAGE_FLUSH_FAILURES.inc()
-                    self.log.warning("usage_flush_failed", error=str(exc), buffered=len(self._pending),
+                    self.log.warning("usage_flush_failed", error=str(exc), buffered=self.buffered,
                                      retry_in=backoff)
                     if stop:
-                        self.log.error("usage_lost_on_stop", events=len(self._pending))
+                        self.log.error("usage_lost_on_stop", events=self.buffered)
                         return
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -96,10 +105,14 @@ class UsageAccountant(Actor):
             self.inbox.put_nowait(getter.result())
 
     async def flush(self) -> None:
-        """Write every pending event in one pipeline; on failure the events stay pending."""
-        events = self._pending[:]
-        if not events:
-            return
+        """Write the pending events as one numbered flush; on failure the same flush is retried next time."""
+        if self._batch is None:
+            if not self._pending:
+                return
+            self._seq += 1
+            self._batch = (FlushId(self._instance, self._seq), self._pending[:])
+            self._pending.clear()
+        flush_id, events = self._batch
         totals: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         daily: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         last_used: dict[str, float] = {}
@@ -111,8 +124,7 @@ class UsageAccountant(Actor):
                 bucket["completion_tokens"] += ev.completion_tokens
             last_used[ev.key_id] = max(ev.at, last_used.get(ev.key_id, 0.0))
         await self.store.add(totals, [UsageDelta(key_id, day, counts, last_used[key_id])
-                                      for (key_id, day), counts in daily.items()], last_used)
-        # Events recorded while the pipeline ran were appended after the ones just written.
-        del self._pending[: len(events)]
+                                      for (key_id, day), counts in daily.items()], last_used, flush_id)
+        self._batch = None
         self.flushed_events += len(events)
         metrics.USAGE_BUFFERED.set(len(self._pending))

@@ -1,12 +1,11 @@
 """The durable batch queue in Redis: enqueue, claim with a lease, fenced updates, reaping, the event stream.
 
-Two kinds of keys (docs/batch.md has the full layout and the reasoning):
-- queue keys under the `{batch}` hash tag (ready sets per model, the model set, leases, lease tokens):
-  every Lua script touches only these, so in a Redis Cluster they live in one slot;
-- `job:<id>` hashes, the operator's record and the source of truth for a job's status; each change is a
-  single-key Lua compare-and-set on the holder's claim token, so a stale holder changes nothing.
-A step that touches both kinds is two commands, ordered so that a crash between them leaves a state the
-lease reaper repairs (it reads the job hash to decide what an expired lease means).
+Every key of the queue (job hashes, per-key indexes, ready sets per model, the model set, leases, lease
+tokens, the event stream) carries the `{batch}` hash tag, so on a Redis Cluster they share one slot and
+each queue step is one Lua script (docs/batch.md, docs/redis.md): enqueue, claim, mark-sent, update,
+finish, requeue, reap, cancel. A step therefore changes the job's status, the queue's bookkeeping and
+appends the job's event together or not at all; nothing depends on the order of commands in a pipeline.
+A job's status changes are fenced by the holder's claim token, so a stale holder changes nothing.
 """
 
 from __future__ import annotations
@@ -23,35 +22,145 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
-from gateway import metrics
+from gateway import metrics, redis_client
 from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN, JobStatus, Submission, decode_hash, new_job_id
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
 log = structlog.get_logger(component="batch_queue")
 
-# Queue side: pop up to N ids of one model and lease them, each with a unique claim token.
-_CLAIM = """
+# Every script below touches only `{batch}` keys (one hash slot): the job hash, whose name the script
+# builds from the job-key prefix it is given (ARGV), and the queue keys it is passed (KEYS). Each queue
+# step is one script, so the status change, the queue's bookkeeping and the event are written together.
+_EMIT = """
+local function emit(stream, maxlen, jk, name, at, attempt, ekey, evalue)
+  local f = redis.call('HMGET', jk, 'id', 'key_id', 'model', 'status', 'priority', 'attempt', 'owner', 'error',
+    'flags', 'crash_log')
+  local e = {'event', name, 'job_id', f[1] or '', 'key_id', f[2] or '', 'model', f[3] or '', 'status', f[4] or '',
+    'priority', f[5] or '', 'attempt', attempt or f[6] or '0', 'at', at}
+  local opt = {'owner', 'error', 'flags', 'crash_log'}
+  for i = 1, 4 do
+    local v = f[6 + i]
+    if v and v ~= '' then e[#e + 1] = opt[i]; e[#e + 1] = v end
+  end
+  if ekey and evalue and evalue ~= '' then e[#e + 1] = ekey; e[#e + 1] = evalue end
+  if tonumber(maxlen) > 0 then return redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(e)) end
+  return redis.call('XADD', stream, '*', unpack(e))
+end
+"""
+
+# Store and queue new jobs of one key. KEYS: events, owners, the key's job index, models.
+# ARGV: maxlen, at, key_id, job-key prefix, ready-key prefix, notify channel, job count, then per job:
+# id, model, score, field count, field, value, ... A replay (a retried call) finds the first job and
+# changes nothing, so a retry never duplicates jobs.
+_ENQUEUE = _EMIT + """
+local n = tonumber(ARGV[7])
+local pos = 8
+if n == 0 then return 0 end
+if redis.call('EXISTS', ARGV[4] .. ARGV[pos]) == 1 then return 0 end
+local models = {}
+for j = 1, n do
+  local id, model, score, nf = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], tonumber(ARGV[pos + 3])
+  local jk = ARGV[4] .. id
+  for i = pos + 4, pos + 3 + 2 * nf, 2 do redis.call('HSET', jk, ARGV[i], ARGV[i + 1]) end
+  pos = pos + 4 + 2 * nf
+  redis.call('ZADD', KEYS[3], 0, id)
+  redis.call('ZADD', ARGV[5] .. model, score, id)
+  if not models[model] then
+    models[model] = true
+    redis.call('SADD', KEYS[4], model)
+  end
+  emit(KEYS[1], ARGV[1], jk, 'enqueued', ARGV[2])
+end
+redis.call('SADD', KEYS[2], ARGV[3])
+for model, _ in pairs(models) do redis.call('PUBLISH', ARGV[6], model) end
+return n
+"""
+
+# Pop up to N queued ids of one model, lease each with a unique claim token and mark it running (or fail it
+# when its attempts are used up). KEYS: ready, leases, lease tokens, models, claim seq, events.
+# ARGV: n, lease deadline ms, owner, model, job-key prefix, now, max attempts, ttl, maxlen.
+_CLAIM = _EMIT + """
 local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[1]))
 local out = {}
-local n = #popped / 2
-if n > 0 then
-  local last = redis.call('INCRBY', KEYS[5], n)
-  for i = 1, n do
-    local id = popped[2 * i - 1]
-    local token = ARGV[3] .. ':' .. string.format('%d', last - n + i)
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
-    redis.call('HSET', KEYS[3], id, token)
-    out[#out + 1] = id
-    out[#out + 1] = token
-    out[#out + 1] = popped[2 * i]
+for i = 1, #popped, 2 do
+  local id, score = popped[i], popped[i + 1]
+  local jk = ARGV[5] .. id
+  local st = redis.call('HGET', jk, 'status')
+  if st == 'queued' then
+    local attempt = tonumber(redis.call('HGET', jk, 'attempt') or '0')
+    if attempt >= tonumber(ARGV[7]) then
+      local flags = redis.call('HGET', jk, 'flags') or ''
+      if flags ~= '' then flags = flags .. ',' end
+      redis.call('HSET', jk, 'status', 'failed', 'claim', '', 'finished_at', ARGV[6], 'updated_at', ARGV[6],
+        'error', 'Gave up after ' .. attempt .. ' attempts: the gateway running the job stopped each time.',
+        'error_type', 'batch_job_failed', 'error_code', 'lease_expired', 'flags', flags .. 'max_attempts')
+      redis.call('EXPIRE', jk, ARGV[8])
+      emit(KEYS[6], ARGV[9], jk, 'failed', ARGV[6])
+      out[#out + 1] = {id, '', score, {}}
+    else
+      local token = ARGV[3] .. ':' .. string.format('%d', redis.call('INCR', KEYS[5]))
+      redis.call('ZADD', KEYS[2], ARGV[2], id)
+      redis.call('HSET', KEYS[3], id, token)
+      redis.call('HSET', jk, 'status', 'running', 'claim', token, 'owner', ARGV[3], 'updated_at', ARGV[6])
+      redis.call('HSETNX', jk, 'started_at', ARGV[6])
+      emit(KEYS[6], ARGV[9], jk, 'started', ARGV[6], tostring(attempt + 1))
+      out[#out + 1] = {id, token, score, redis.call('HGETALL', jk)}
+    end
   end
 end
 if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[4]) end
 return out
 """
 
-# Queue side: drop a lease, but only for the holder of its token ('' = a lease that lost its token).
+# The holder sends the job to the runtime: that is when an attempt counts. KEYS: job. ARGV: token, now.
+_MARK_SENT = """
+if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+"""
+
+# Change a running job only if the caller still holds it (fencing by claim token), with its event if any.
+# KEYS: job, events. ARGV: token, now, ttl (0 = none), attempt delta, event ('' = none), reason, maxlen,
+# then field, value, ...
+_UPDATE = _EMIT + """
+if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return -1
+end
+local a = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if tonumber(ARGV[4]) ~= 0 then a = redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[4]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if ARGV[5] ~= '' then emit(KEYS[2], ARGV[7], KEYS[1], ARGV[5], ARGV[2], nil, 'reason', ARGV[6]) end
+return a
+"""
+
+# Write the final outcome of a job we hold, its event, and drop our lease, in one step.
+# KEYS: job, leases, lease tokens, events. ARGV: token, now, ttl, event, maxlen, job id, field, value, ...
+# Returns 1 when written, 0 when the job was no longer ours (the lease is dropped either way if ours).
+_FINISH = _EMIT + """
+local ours = ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1]
+  and redis.call('HGET', KEYS[1], 'status') == 'running'
+if ours then
+  redis.call('HSET', KEYS[1], 'updated_at', ARGV[2], 'claim', '')
+  if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  emit(KEYS[4], ARGV[5], KEYS[1], ARGV[4], ARGV[2])
+end
+if redis.call('HGET', KEYS[3], ARGV[6]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[6])
+  redis.call('HDEL', KEYS[3], ARGV[6])
+end
+if ours then return 1 end
+return 0
+"""
+
+# Drop a lease, but only for the holder of its token ('' = a lease that lost its token).
 _RELEASE = """
 local t = redis.call('HGET', KEYS[2], ARGV[1])
 if (t == false and ARGV[2] == '') or t == ARGV[2] then
@@ -62,17 +171,27 @@ end
 return 0
 """
 
-# Queue side: give a leased job back to its model's ready set (holder only).
-_REQUEUE = """
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[4])
+# Give a job we hold back to its model's ready set at its place, with its event and a wake-up.
+# KEYS: job, leases, lease tokens, events, ready, models.
+# ARGV: token, now, attempt delta, reason, score, model, maxlen, notify channel, job id.
+_REQUEUE = _EMIT + """
+local ours = ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1]
+  and redis.call('HGET', KEYS[1], 'status') == 'running'
+if redis.call('HGET', KEYS[3], ARGV[9]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[9])
+  redis.call('HDEL', KEYS[3], ARGV[9])
+end
+if not ours then return 0 end
+if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[3]) end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'claim', '', 'requeue_reason', ARGV[4], 'updated_at', ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[9])
+redis.call('SADD', KEYS[6], ARGV[6])
+emit(KEYS[4], ARGV[7], KEYS[1], 'requeued', ARGV[2], nil, 'reason', ARGV[4])
+redis.call('PUBLISH', ARGV[8], ARGV[6])
 return 1
 """
 
-# Queue side: push the deadline of every lease still held with the given token; return the lost ids.
+# Push the deadline of every lease still held with the given token; return the lost ids.
 _RENEW = """
 local lost = {}
 for i = 2, #ARGV, 2 do
@@ -85,53 +204,47 @@ end
 return lost
 """
 
-# Job side: queued -> running for the claim token, or give up when the attempts are used up.
-_START = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing'} end
-if st ~= 'queued' then return {st} end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-if attempt >= tonumber(ARGV[4]) then
-  local flags = redis.call('HGET', KEYS[1], 'flags') or ''
-  if flags ~= '' then flags = flags .. ',' end
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'claim', '', 'finished_at', ARGV[3], 'updated_at', ARGV[3],
-    'error', 'Gave up after ' .. attempt .. ' attempts: the gateway running the job stopped each time.',
-    'error_type', 'batch_job_failed', 'error_code', 'lease_expired', 'flags', flags .. 'max_attempts')
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  return {'gave_up', redis.call('HGETALL', KEYS[1])}
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'claim', ARGV[1], 'owner', ARGV[2], 'attempt', attempt + 1,
-  'updated_at', ARGV[3])
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
-return {'running', redis.call('HGETALL', KEYS[1])}
+# Take back one job whose lease ran out: requeue it if it is still running under that lease, else just
+# drop the lease. KEYS: leases, lease tokens, events, models.
+# ARGV: job id, now, now ms, job-key prefix, ready-key prefix, maxlen, notify channel.
+_REAP = _EMIT + """
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not deadline or tonumber(deadline) > tonumber(ARGV[3]) then return 0 end
+local token = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local jk = ARGV[4] .. ARGV[1]
+local f = redis.call('HMGET', jk, 'status', 'claim', 'model', 'score')
+if not token or f[1] ~= 'running' or f[2] ~= token or not f[3] or not f[4] then return 0 end
+redis.call('HSET', jk, 'status', 'queued', 'claim', '', 'requeue_reason', 'lease_expired', 'updated_at', ARGV[2])
+redis.call('ZADD', ARGV[5] .. f[3], f[4], ARGV[1])
+redis.call('SADD', KEYS[4], f[3])
+emit(KEYS[3], ARGV[6], jk, 'requeued', ARGV[2], nil, 'reason', 'lease_expired')
+redis.call('PUBLISH', ARGV[7], f[3])
+return 1
 """
 
-# Job side: change a running job only if the caller still holds it (fencing by claim token).
-_UPDATE = """
-if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1]
-   or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
-  return -1
-end
-local a = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-if tonumber(ARGV[4]) ~= 0 then a = redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[4]) end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
-if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return a
-"""
-
-# Job side: cancel a queued or running job of the given key.
-_CANCEL = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'key_id', 'model', 'score')
+# Cancel a queued or running job of the given key. KEYS: job, events.
+# ARGV: now, ttl, key_id, ready-key prefix, cancel channel, maxlen, job id.
+_CANCEL = _EMIT + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'key_id', 'model')
 if not f[1] or f[2] ~= ARGV[3] then return {'missing'} end
 if f[1] ~= 'queued' and f[1] ~= 'running' then return {f[1]} end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'claim', '', 'finished_at', ARGV[1], 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {'done', f[1], f[3], f[4]}
+if f[1] == 'queued' then
+  redis.call('ZREM', ARGV[4] .. f[3], ARGV[7])
+else
+  -- The holder (any gateway) stops the request; if it is gone, its lease runs out.
+  redis.call('PUBLISH', ARGV[5], ARGV[7])
+end
+emit(KEYS[2], ARGV[6], KEYS[1], 'cancelled', ARGV[1])
+return {'done', f[1]}
 """
 
-# Job side (operator, `llm-gateway jobs requeue`): failed -> queued with a fresh set of attempts.
-_REQUEUE_FAILED = """
+# Operator (`llm-gateway jobs requeue`): failed -> queued with a fresh set of attempts, claimable at once.
+# KEYS: job, events, models. ARGV: now, reason, ready-key prefix, notify channel, maxlen, job id.
+_REQUEUE_FAILED = _EMIT + """
 local f = redis.call('HMGET', KEYS[1], 'status', 'model', 'score')
 if not f[1] then return {'missing'} end
 if f[1] ~= 'failed' then return {f[1]} end
@@ -140,7 +253,11 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'claim', '', 'attempt', '0', 'up
   'crash_log', '', 'flags', '')
 redis.call('HDEL', KEYS[1], 'finished_at', 'response', 'usage', 'final_event')
 redis.call('PERSIST', KEYS[1])
-return {'requeued', f[2], f[3]}
+redis.call('ZADD', ARGV[3] .. f[2], f[3], ARGV[6])
+redis.call('SADD', KEYS[3], f[2])
+emit(KEYS[2], ARGV[5], KEYS[1], 'requeued', ARGV[1], nil, 'reason', ARGV[2])
+redis.call('PUBLISH', ARGV[4], f[2])
+return {'requeued'}
 """
 
 
@@ -159,6 +276,8 @@ class HeldJob:
     fields: dict[str, str]
     settled: bool = False
     """Set once the holder starts writing the outcome: the lease is no longer renewed or defended."""
+    sent: bool = False
+    """Set by `JobQueue.mark_sent`: this claim's attempt has been counted."""
 
     @property
     def model(self) -> str:
@@ -245,12 +364,15 @@ class JobQueue:
         self.redis = redis
         self.keys = keys
         self.settings = settings
+        self._enqueue = redis.register_script(_ENQUEUE)
         self._claim = redis.register_script(_CLAIM)
+        self._mark_sent = redis.register_script(_MARK_SENT)
         self._release = redis.register_script(_RELEASE)
         self._requeue = redis.register_script(_REQUEUE)
         self._renew = redis.register_script(_RENEW)
-        self._start = redis.register_script(_START)
         self._update = redis.register_script(_UPDATE)
+        self._finish = redis.register_script(_FINISH)
+        self._reap = redis.register_script(_REAP)
         self._cancel = redis.register_script(_CANCEL)
         self._requeue_failed = redis.register_script(_REQUEUE_FAILED)
 
@@ -261,12 +383,39 @@ class JobQueue:
 
     # --- API side
     async def enqueue(self, key_id: str, submission: Submission) -> dict[str, str]:
-        """Store a new job and queue it; returns its decoded hash."""
-        pipe = self.redis.pipeline(transaction=False)
-        (fields,) = self.enqueue_many(pipe, key_id, [submission])
-        await pipe.execute()
-        metrics.BATCH_JOBS.labels("enqueued").inc()
+        """Store a new job and queue it in one script (all of it or nothing); returns its decoded hash."""
+        (fields,) = await self.enqueue_chunk(key_id, [submission])
         return fields
+
+    async def enqueue_chunk(self, key_id: str, submissions: Sequence[Submission]) -> list[dict[str, str]]:
+        """Store and queue several jobs of one key in one script: either all of them exist afterwards, or
+        none does. A call retried after a lost reply finds its jobs and adds nothing."""
+        now = time.time()
+        jobs: list[dict[str, str]] = []
+        args: list[Any] = [self.settings.job_stream_maxlen or 0, repr(now), key_id, self.keys.job(""),
+                           self.keys.batch_ready(""), self.keys.batch_notify, len(submissions)]
+        for submission in submissions:
+            fields = self._new_fields(key_id, submission, now)
+            stored = {**fields, "request": submission.body}
+            args.extend((fields["id"], submission.model, fields["score"], len(stored)))
+            for k, v in stored.items():
+                args.extend((k, v))
+            jobs.append(fields)
+        await self._enqueue(keys=[self.keys.job_events, self.keys.job_owners, self.keys.job_index(key_id),
+                                  self.keys.batch_models], args=args)
+        metrics.BATCH_JOBS.labels("enqueued").inc(len(jobs))
+        return jobs
+
+    def _new_fields(self, key_id: str, submission: Submission, now: float) -> dict[str, str]:
+        created = max(now, time.time())
+        job_id = new_job_id(created)
+        return {
+            "id": job_id, "key_id": key_id, "endpoint": str(submission.endpoint), "model": submission.model,
+            "priority": str(submission.priority), "metadata": orjson.dumps(submission.metadata).decode(),
+            "status": JobStatus.QUEUED.value, "score": repr(self.score(created, submission.priority)),
+            "created_at": repr(created), "updated_at": repr(created), "attempt": "0",
+            "max_attempts": str(self.settings.batch_max_attempts), "flags": "", "claim": "",
+        }
 
     async def get(self, job_id: str, key_id: str | None = None) -> dict[str, str] | None:
         """The decoded job hash, or None when missing (or owned by another key when key_id is given)."""
@@ -345,54 +494,40 @@ class JobQueue:
 
     async def cancel(self, job_id: str, key_id: str) -> tuple[str, dict[str, str] | None]:
         """Cancel a queued or running job: ('cancelled', job), ('already:<status>', job) or ('missing', None)."""
-        now = time.time()
-        result = await self._cancel(keys=[self.keys.job(job_id)],
-                                    args=[repr(now), self.settings.batch_job_ttl_seconds, key_id])
-        outcome = result[0].decode()
+        (result,) = await redis_client.run_scripts(self.redis, [self._cancel_call(job_id, key_id, repr(time.time()))])
+        outcome = _text(result[0])
         if outcome == "missing":
             return outcome, None
         if outcome == "done":
             outcome = "cancelled"
-            previous, model = result[1].decode(), result[2].decode()
-            pipe = self.redis.pipeline(transaction=False)
-            if previous == JobStatus.QUEUED:
-                pipe.zrem(self.keys.batch_ready(model), job_id)
-            else:
-                # The holder (any gateway) stops the request; if it is gone, its lease runs out.
-                pipe.publish(self.keys.batch_cancel, job_id)
-            await pipe.execute()
+            metrics.BATCH_JOBS.labels("cancelled").inc()
         else:
             outcome = f"already:{outcome}"
-        job = await self.get(job_id)
-        if result[0] == b"done" and job is not None:
-            await self.event(job, "cancelled")
-            metrics.BATCH_JOBS.labels("cancelled").inc()
-        return outcome, job
+        return outcome, await self.get(job_id)
+
+    def _cancel_call(self, job_id: str, key_id: str, now: str) -> redis_client.ScriptCall:
+        return (self._cancel, [self.keys.job(job_id), self.keys.job_events],
+                [now, self.settings.batch_job_ttl_seconds, key_id, self.keys.batch_ready(""), self.keys.batch_cancel,
+                 self.settings.job_stream_maxlen or 0, job_id])
 
     def enqueue_many(self, pipe: Any, key_id: str, submissions: Sequence[Submission]) -> list[dict[str, str]]:
-        """Add the commands that store and queue new jobs to `pipe`; the caller executes it.
+        """Add the commands that store and queue new jobs to `pipe`, a transaction; the caller executes it.
 
-        For callers that enqueue many jobs at once and want them in the same MULTI/EXEC as their own
-        bookkeeping (the OpenAI Batches manager records its progress atomically with the jobs). The
-        caller counts BATCH_JOBS{event="enqueued"} once the pipeline has run.
+        For callers that enqueue many jobs at once in the same MULTI/EXEC as their own bookkeeping (the
+        OpenAI Batches manager records its progress atomically with the jobs; its keys share the queue's
+        `{batch}` slot). The order inside a MULTI holds, so the hash is written before the id is claimable.
+        A cluster transaction takes no PUBLISH: the caller calls `notify` once it has run, and counts
+        BATCH_JOBS{event="enqueued"}.
         """
         out: list[dict[str, str]] = []
         models: set[str] = set()
+        now = time.time()
         for submission in submissions:
-            now = time.time()
-            job_id = new_job_id(now)
-            score = self.score(now, submission.priority)
-            fields = {
-                "id": job_id, "key_id": key_id, "endpoint": str(submission.endpoint), "model": submission.model,
-                "priority": str(submission.priority), "metadata": orjson.dumps(submission.metadata).decode(),
-                "status": JobStatus.QUEUED.value, "score": repr(score), "created_at": repr(now),
-                "updated_at": repr(now), "attempt": "0", "max_attempts": str(self.settings.batch_max_attempts),
-                "flags": "", "claim": "",
-            }
+            fields = self._new_fields(key_id, submission, now)
+            job_id = fields["id"]
             pipe.hset(self.keys.job(job_id), mapping={**fields, "request": submission.body})
             pipe.zadd(self.keys.job_index(key_id), {job_id: 0})
-            # The job hash is written before the id becomes claimable (commands run in order).
-            pipe.zadd(self.keys.batch_ready(submission.model), {job_id: score})
+            pipe.zadd(self.keys.batch_ready(submission.model), {job_id: float(fields["score"])})
             models.add(submission.model)
             self._xadd(pipe, fields, "enqueued")
             out.append(fields)
@@ -400,41 +535,23 @@ class JobQueue:
             pipe.sadd(self.keys.job_owners, key_id)
         for model in models:
             pipe.sadd(self.keys.batch_models, model)
-            pipe.publish(self.keys.batch_notify, model)
         return out
 
+    async def notify(self, models: Iterable[str]) -> None:
+        """Wake idle dispatchers for work just queued on `models` (a hint: they also poll)."""
+        for model in sorted(set(models)):
+            await self.redis.publish(self.keys.batch_notify, model)
+
     async def cancel_many(self, job_ids: Sequence[str], key_id: str) -> int:
-        """Cancel the queued or running ones among `job_ids` (of `key_id`) in pipelines; returns how many."""
+        """Cancel the queued or running ones among `job_ids` (of `key_id`), 500 per round trip; how many."""
         cancelled = 0
         now = repr(time.time())
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in chunk:
-                await self._cancel(keys=[self.keys.job(job_id)],
-                                   args=[now, self.settings.batch_job_ttl_seconds, key_id], client=pipe)
-            results = await pipe.execute()
-            after = self.redis.pipeline(transaction=False)
-            done: list[str] = []
-            for job_id, result in zip(chunk, results, strict=True):
-                if result[0] != b"done":
-                    continue
-                done.append(job_id)
-                if result[1] == JobStatus.QUEUED.value.encode():
-                    after.zrem(self.keys.batch_ready(result[2].decode()), job_id)
-                else:
-                    after.publish(self.keys.batch_cancel, job_id)
-                after.hgetall(self.keys.job(job_id))
-            if not done:
-                continue
-            rows = [r for r in await after.execute() if isinstance(r, dict)]
-            events = self.redis.pipeline(transaction=False)
-            for raw in rows:
-                if raw:
-                    self._xadd(events, decode_hash(raw), "cancelled")
-            await events.execute()
-            cancelled += len(done)
-            metrics.BATCH_JOBS.labels("cancelled").inc(len(done))
+            results = await redis_client.run_scripts(self.redis, [self._cancel_call(j, key_id, now) for j in chunk])
+            done = sum(1 for result in results if _text(result[0]) == "done")
+            cancelled += done
+            metrics.BATCH_JOBS.labels("cancelled").inc(done)
         return cancelled
 
     async def requeue_failed(self, job_id: str, reason: str = "operator") -> str:
@@ -442,21 +559,13 @@ class JobQueue:
 
         Returns 'requeued', 'missing', or the status that prevented it (only failed jobs are requeued).
         """
-        result = await self._requeue_failed(keys=[self.keys.job(job_id)], args=[repr(time.time()), reason])
-        outcome = result[0].decode()
-        if outcome != "requeued":
-            return outcome
-        model, score = result[1].decode(), float(result[2])
-        # As in enqueue, the hash says queued before the id becomes claimable.
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.batch_ready(model), {job_id: score})
-        pipe.sadd(self.keys.batch_models, model)
-        pipe.publish(self.keys.batch_notify, model)
-        await pipe.execute()
-        job = await self.get(job_id)
-        if job is not None:
-            await self.event(job, "requeued", reason=reason)
-        metrics.BATCH_JOBS.labels("requeued").inc()
+        result = await self._requeue_failed(
+            keys=[self.keys.job(job_id), self.keys.job_events, self.keys.batch_models],
+            args=[repr(time.time()), reason, self.keys.batch_ready(""), self.keys.batch_notify,
+                  self.settings.job_stream_maxlen or 0, job_id])
+        outcome = _text(result[0])
+        if outcome == "requeued":
+            metrics.BATCH_JOBS.labels("requeued").inc()
         return outcome
 
     # --- dispatcher side
@@ -569,50 +678,42 @@ class JobQueue:
         return [e for e in reversed(await self.recent_events(scan)) if e.fields.get("job_id") == job_id]
 
     async def claim(self, model: str, n: int, owner: str) -> list[HeldJob]:
-        """Lease up to n queued jobs of `model` and mark them running; jobs that cannot start are settled."""
-        deadline = self._lease_deadline()
+        """Lease up to n queued jobs of `model` and mark them running, in one script; jobs out of attempts
+        are failed there. A claimed job costs no attempt until `mark_sent`."""
         raw = await self._claim(keys=[self.keys.batch_ready(model), self.keys.batch_leases,
                                       self.keys.batch_lease_tokens, self.keys.batch_models,
-                                      self.keys.batch_claim_seq],
-                                args=[n, deadline, owner, model])
-        if not raw:
-            return []
-        claimed = [(raw[i].decode(), raw[i + 1].decode(), float(raw[i + 2])) for i in range(0, len(raw), 3)]
-        now = repr(time.time())
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id, token, _ in claimed:
-            await self._start(keys=[self.keys.job(job_id)],
-                        args=[token, owner, now, self.settings.batch_max_attempts,
-                              self.settings.batch_job_ttl_seconds], client=pipe)
-        results = await pipe.execute()
+                                      self.keys.batch_claim_seq, self.keys.job_events],
+                                args=[n, self._lease_deadline(), owner, model, self.keys.job(""), repr(time.time()),
+                                      self.settings.batch_max_attempts, self.settings.batch_job_ttl_seconds,
+                                      self.settings.job_stream_maxlen or 0])
         held: list[HeldJob] = []
-        settle = self.redis.pipeline(transaction=False)
-        for (job_id, token, score), result in zip(claimed, results, strict=True):
-            outcome = result[0].decode()
-            if outcome == "running":
-                job = HeldJob(job_id, token, score, _pairs(result[1]))
-                held.append(job)
-                self._xadd(settle, job.fields, "started")
+        for job_id, token, score, fields in raw or []:
+            if not token:
+                metrics.BATCH_JOBS.labels("failed").inc()  # gave up: out of attempts
                 continue
-            # Cancelled while queued, expired, or out of attempts: it must not stay leased.
-            await self._release(keys=[self.keys.batch_leases, self.keys.batch_lease_tokens],
-                                args=[job_id, token], client=settle)
-            if outcome == "gave_up":
-                fields = _pairs(result[1])
-                self._xadd(settle, fields, "failed")
-                metrics.BATCH_JOBS.labels("failed").inc()
-        await settle.execute()
+            held.append(HeldJob(_text(job_id), _text(token), float(score), _pairs(fields)))
         return held
 
+    async def mark_sent(self, job: HeldJob) -> int | None:
+        """Count the attempt of a held job that is now being sent to the runtime (claimed-ahead jobs that are
+        never sent cost none); the new attempt number, or None if we no longer hold the job."""
+        result = await self._mark_sent(keys=[self.keys.job(job.id)], args=[job.token, repr(time.time())])
+        if int(result) < 0:
+            return None
+        job.sent = True
+        job.fields["attempt"] = str(result)
+        return int(result)
+
     async def update(self, job: HeldJob, fields: Mapping[str, str | bytes], *, attempt_delta: int = 0,
-                     final: bool = False) -> int | None:
-        """Change a running job we hold; the new attempt number, or None if we no longer hold it."""
-        args: list[Any] = [job.token, repr(time.time()),
-                           self.settings.batch_job_ttl_seconds if final else 0, attempt_delta]
+                     final: bool = False, event: str = "", reason: str = "") -> int | None:
+        """Change a running job we hold, with its `event` (if any) in the same step; the new attempt
+        number, or None if we no longer hold it."""
+        args: list[Any] = [job.token, repr(time.time()), self.settings.batch_job_ttl_seconds if final else 0,
+                           attempt_delta, event, reason, self.settings.job_stream_maxlen or 0]
         for k, v in fields.items():
             args.extend((k, v))
-        result = await self._update(keys=[self.keys.job(job.id)], args=args)
-        if result == -1:
+        result = await self._update(keys=[self.keys.job(job.id), self.keys.job_events], args=args)
+        if int(result) == -1:
             return None
         job.fields["attempt"] = str(result)
         for k, v in fields.items():
@@ -621,42 +722,53 @@ class JobQueue:
         return int(result)
 
     async def finish(self, job: HeldJob, fields: Mapping[str, str | bytes], event: str) -> bool:
-        """Write a final outcome of a job we hold, append its event, drop the lease; False if not ours.
+        """Write a final outcome of a job we hold, its event, and drop the lease, in one script; False if
+        the job was no longer ours."""
+        (done,) = await self.finish_many([(job, fields, event)])
+        return done
 
-        The job hash records the event as `final_event` with the outcome, and the lease goes last: if this
-        process dies before the event is in the stream, the lease runs out and the reaper appends it (a
-        finished job that still has a lease is exactly that case, so the field needs no clearing).
-        """
-        job.settled = True
-        result = await self.update(job, {**fields, "final_event": event}, final=True)
-        # One round trip for the rest; commands run in order, so the lease still goes last.
-        pipe = self.redis.pipeline(transaction=False)
-        if result is not None:
-            self._xadd(pipe, job.fields, event)
-        await self._release(keys=[self.keys.batch_leases, self.keys.batch_lease_tokens],
-                            args=[job.id, job.token], client=pipe)
-        await pipe.execute()
-        return result is not None
+    async def finish_many(self, outcomes: Sequence[tuple[HeldJob, Mapping[str, str | bytes], str]]) -> list[bool]:
+        """`finish` for many jobs in one round trip (one pipeline; concurrent calls on a cluster)."""
+        calls: list[redis_client.ScriptCall] = []
+        now = repr(time.time())
+        for job, fields, event in outcomes:
+            job.settled = True
+            args: list[Any] = [job.token, now, self.settings.batch_job_ttl_seconds, event,
+                               self.settings.job_stream_maxlen or 0, job.id]
+            for k, v in fields.items():
+                args.extend((k, v))
+            calls.append((self._finish, [self.keys.job(job.id), self.keys.batch_leases, self.keys.batch_lease_tokens,
+                                         self.keys.job_events], args))
+        results = await redis_client.run_scripts(self.redis, calls)
+        for (job, fields, _), result in zip(outcomes, results, strict=True):
+            for k, v in fields.items():
+                if isinstance(v, str):
+                    job.fields[k] = v
+            if int(result) != 1:
+                log.info("batch_finish_not_ours", job_id=job.id)
+        return [int(r) == 1 for r in results]
 
     async def release(self, job: HeldJob) -> None:
         """Drop our lease of a job that reached a final state (or that we lost)."""
         await self._release(keys=[self.keys.batch_leases, self.keys.batch_lease_tokens], args=[job.id, job.token])
 
     async def requeue(self, job: HeldJob, reason: str, *, count_attempt: bool) -> bool:
-        """Put a job we hold back in the queue at its original place (e.g. preempted by a swap)."""
+        """Put a job we hold back in the queue at its original place (e.g. preempted by a swap), in one script.
+
+        With count_attempt False an attempt already counted by `mark_sent` is given back; a job never sent
+        has cost none either way.
+        """
         job.settled = True
-        attempt = await self.update(job, {"status": JobStatus.QUEUED.value, "claim": "", "requeue_reason": reason},
-                                    attempt_delta=0 if count_attempt else -1)
-        if attempt is None:
-            await self.release(job)
+        if job.sent:
+            delta = 0 if count_attempt else -1
+        else:
+            delta = 1 if count_attempt else 0
+        ok = await self._requeue(keys=[self.keys.job(job.id), self.keys.batch_leases, self.keys.batch_lease_tokens,
+                                       self.keys.job_events, self.keys.batch_ready(job.model), self.keys.batch_models],
+                                 args=[job.token, repr(time.time()), delta, reason, repr(job.score), job.model,
+                                       self.settings.job_stream_maxlen or 0, self.keys.batch_notify, job.id])
+        if int(ok) != 1:
             return False
-        await self._requeue(keys=[self.keys.batch_leases, self.keys.batch_lease_tokens,
-                                  self.keys.batch_ready(job.model), self.keys.batch_models],
-                            args=[job.id, job.token, repr(job.score), job.model])
-        pipe = self.redis.pipeline(transaction=False)
-        self._xadd(pipe, {**job.fields, "status": JobStatus.QUEUED.value}, "requeued", reason=reason)
-        pipe.publish(self.keys.batch_notify, job.model)
-        await pipe.execute()
         metrics.BATCH_JOBS.labels("requeued").inc()
         return True
 
@@ -672,47 +784,25 @@ class JobQueue:
         return {x.decode() for x in lost}
 
     async def reap(self, limit: int = 200) -> int:
-        """Take back jobs whose holder stopped renewing its lease; returns how many were requeued."""
-        now_ms = int(time.time() * 1000)
+        """Take back jobs whose holder stopped renewing its lease (one script each); how many were requeued."""
+        now = time.time()
+        now_ms = int(now * 1000)
         expired = await self.redis.zrangebyscore(self.keys.batch_leases, "-inf", now_ms, start=0, num=limit)
         if not expired:
             return 0
-        ids = [x.decode() for x in expired]
-        tokens = await self.redis.hmget(self.keys.batch_lease_tokens, ids)
+        ids = [_text(x) for x in expired]
+        calls: list[redis_client.ScriptCall] = [
+            (self._reap, [self.keys.batch_leases, self.keys.batch_lease_tokens, self.keys.job_events,
+                          self.keys.batch_models],
+             [job_id, repr(now), now_ms, self.keys.job(""), self.keys.batch_ready(""),
+              self.settings.job_stream_maxlen or 0, self.keys.batch_notify]) for job_id in ids]
+        results = await redis_client.run_scripts(self.redis, calls)
         requeued = 0
-        for job_id, raw_token in zip(ids, tokens, strict=True):
-            token = raw_token.decode() if raw_token is not None else ""
-            raw = await self.redis.hmget(self.keys.job(job_id), ["status", "claim", "model", "score",
-                                                                 "final_event"])
-            status, claim, model, score, pending = (v.decode() if v is not None else None for v in raw)
-            lease_args = [self.keys.batch_leases, self.keys.batch_lease_tokens]
-            if token and status == JobStatus.RUNNING and claim == token and model and score:
-                held = HeldJob(job_id, token, float(score), {"model": model})
-                attempt = await self.update(held, {"status": JobStatus.QUEUED.value, "claim": "",
-                                                   "requeue_reason": "lease_expired"})
-                if attempt is not None:
-                    status = JobStatus.QUEUED.value
-            if token and status == JobStatus.QUEUED and model and score:
-                # Also covers a holder that died between marking the job queued and moving its id back.
-                ok = await self._requeue(keys=[*lease_args, self.keys.batch_ready(model), self.keys.batch_models],
-                                         args=[job_id, token, score, model])
-                if ok:
-                    requeued += 1
-                    job = await self.get(job_id)
-                    if job is not None:
-                        await self.event(job, "requeued", reason="lease_expired")
-                    metrics.BATCH_JOBS.labels("requeued").inc()
-                    log.warning("lease_expired_requeued", job_id=job_id, token=token)
-                    await self.redis.publish(self.keys.batch_notify, model)
-            else:
-                if pending and status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
-                    # Its holder died after writing the outcome but before the event reached the stream.
-                    job = await self.get(job_id)
-                    if job is not None:
-                        pipe = self.redis.pipeline(transaction=False)
-                        self._xadd(pipe, job, pending, reason="recovered")
-                        await pipe.execute()
-                await self._release(keys=lease_args, args=[job_id, token])
+        for job_id, result in zip(ids, results, strict=True):
+            if int(result) == 1:
+                requeued += 1
+                metrics.BATCH_JOBS.labels("requeued").inc()
+                log.warning("lease_expired_requeued", job_id=job_id)
         return requeued
 
     async def trim_events(self) -> None:

@@ -15,6 +15,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.redis_client import classify, open_client
 from gateway.settings import Settings
 
 AsyncCommand = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -87,10 +88,11 @@ class Progress:
 @contextlib.asynccontextmanager
 async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
     """A Redis client for one command; a Redis failure becomes a CliError naming REDIS_URL."""
-    client = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    client = await open_client(settings, socket_timeout=10, socket_connect_timeout=5)
     try:
         yield client
     except (RedisError, OSError) as exc:
-        raise CliError(f"Redis at {settings.redis_url} failed: {exc}") from None
+        kind = "Redis Cluster" if settings.redis_cluster else "Redis"
+        raise CliError(f"{kind} at {settings.redis_url} failed: {classify(exc).message} ({exc})") from None
     finally:
         await client.aclose()

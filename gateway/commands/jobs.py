@@ -11,12 +11,12 @@ from redis.asyncio import Redis
 
 from gateway.batch.queue import JobQueue
 from gateway.commands.common import CliError, RunAsync, print_json, redis_client, table, when
-from gateway.redis_keys import RedisKeys
+from gateway.redis_client import keys_for
 from gateway.settings import Settings, load_settings
 
 
 def _queue(redis: Redis, settings: Settings) -> JobQueue:
-    return JobQueue(redis, RedisKeys(settings.redis_prefix), settings)
+    return JobQueue(redis, keys_for(settings), settings)
 
 
 async def jobs_list(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.commands.common import RunAsync, print_json, redis_client, table, when
-from gateway.redis_keys import RedisKeys
+from gateway.redis_client import keys_for
 from gateway.settings import load_settings
 from gateway.usage_store import FIELDS, UsageStore, utc_days
 
@@ -26,7 +26,7 @@ async def usage_top(args: argparse.Namespace) -> int:
     """The busiest keys, all-time or on one UTC day."""
     settings = load_settings()
     async with redis_client(settings) as redis:
-        rows = await UsageStore(redis, RedisKeys(settings.redis_prefix)).top(limit=args.limit, bucket=args.day)
+        rows = await UsageStore(redis, keys_for(settings)).top(limit=args.limit, bucket=args.day)
     if args.json:
         print_json(rows)
         return 0
@@ -40,7 +40,7 @@ async def usage_days(args: argparse.Namespace) -> int:
     settings = load_settings()
     days = list(reversed(utc_days(args.days)))  # newest first
     async with redis_client(settings) as redis:
-        totals = await UsageStore(redis, RedisKeys(settings.redis_prefix)).day_totals(days, args.key or None)
+        totals = await UsageStore(redis, keys_for(settings)).day_totals(days, args.key or None)
     rows = [{"day": day, "key_id": args.key, **totals[day]} for day in days]
     if args.json:
         print_json(rows)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from gateway import redis_client
 from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN
 from gateway.errors import bad_request
 from gateway.evals.euroeval import GENERATIVE_TYPES
@@ -276,7 +277,8 @@ class RunStore:
         run_id = new_run_id(now)
         fields = {"id": run_id, "key_id": key_id, "created_by": created_by, "status": RunStatus.QUEUED.value,
                   "created_at": repr(now), "updated_at": repr(now), **spec.to_fields()}
-        pipe = self.redis.pipeline(transaction=False)
+        # One transaction (every eval key is in the `{evals}` slot): never a run missing from the listing.
+        pipe = await redis_client.transaction(self.redis)
         pipe.hset(self.keys.eval_run(run_id), mapping=fields)
         pipe.zadd(self.keys.eval_runs, {run_id: 0})
         pipe.sadd(self.keys.eval_runs_active, run_id)
@@ -308,7 +310,7 @@ class RunStore:
         counts = {"prepared": str(prepared), "sent": str(sent), "answered": str(answered)}
         outcome = await self.update(run_id, {**counts, **fields, "status": status.value,
                                              "finished_at": repr(time.time())})
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = await redis_client.transaction(self.redis)
         if outcome == "ok":
             pipe.delete(self.keys.eval_run_requests(run_id), self.keys.eval_run_jobs(run_id),
                         self.keys.eval_run_answers(run_id))

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import metrics
+from gateway import metrics, redis_client
 from gateway.errors import ApiError, DomainError
 from gateway.http import session
 from gateway.http.appkeys import API_KEY, KEYRING, REQUEST_ID, SETTINGS
@@ -61,12 +61,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         response = _http_exception_response(request, exc)
     except RedisError as exc:
-        # Jobs, batches, evals and usage live in Redis: while it is unreachable that is a 503 to retry,
-        # not an internal error.
-        log.warning("redis_unavailable", method=request.method, path=request.path, error=str(exc))
-        response = error_response(503, "Redis, where the gateway keeps jobs, batches and evaluations, is "
-                                  "unreachable right now; retry shortly.", type="server_error",
-                                  code="redis_unavailable", headers={"Retry-After": "5"})
+        # Jobs, batches, evals and usage live in Redis: unreachable is a 503 to retry; an error Redis
+        # answered with (a script error, WRONGTYPE, CROSSSLOT) is a 500 that names it.
+        failure = redis_client.classify(exc)
+        if failure.status == 503:
+            log.warning("redis_unavailable", method=request.method, path=request.path, error=str(exc))
+        else:
+            log.error("redis_error", method=request.method, path=request.path, error=str(exc))
+        headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after else None
+        response = error_response(failure.status, failure.message, type="server_error", code=failure.code,
+                                  headers=headers)
     except Exception:
         log.exception("unhandled_error", method=request.method, path=request.path)
         response = error_response(500, f"Internal error; quote request id {request_id} when reporting it.",

@@ -26,7 +26,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway import metrics
+from gateway import metrics, redis_client
 from gateway.actors.base import STOP, Actor
 from gateway.actors.job_feed import JobEventFeed
 from gateway.batch.jobs import Endpoint
@@ -357,7 +357,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
             status = await self.redis.hget(self.keys.openai_batch(batch_id), "status")
             if status != BatchStatus.IN_PROGRESS.value.encode():
                 return False  # cancelling or expired: stop feeding the queue
-            pipe = self.redis.pipeline(transaction=True)
+            pipe = await redis_client.transaction(self.redis)  # one slot: `{batch}`
             jobs = self.queue.enqueue_many(pipe, key_id, [g.submission for g in good])
             if jobs:
                 pipe.rpush(self.keys.openai_batch_jobs(batch_id), *(j["id"] for j in jobs))
@@ -371,6 +371,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
                 tracked.pending.add(job["id"])
                 self._job_batch[job["id"]] = batch_id
             await pipe.execute()
+            await self.queue.notify(j["model"] for j in jobs)
             metrics.BATCH_JOBS.labels("enqueued").inc(len(jobs))
             metrics.OPENAI_BATCH_LINES.labels("enqueued").inc(len(jobs))
             metrics.OPENAI_BATCH_LINES.labels("invalid").inc(len(errors))

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from gateway import redis_client
 from gateway.redis_keys import RedisKeys
 
 # Change status only when it is one of the expected ones: ARGV = n, status_1..status_n, field, value, ...
@@ -93,7 +94,7 @@ class BatchRecords:
 
     async def create(self, fields: dict[str, str]) -> None:
         """Store a new batch (status validating) and make it visible to its key and to the manager."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = await redis_client.transaction(self.redis)  # one slot: `{batch}`
         pipe.hset(self.keys.openai_batch(fields["id"]), mapping=fields)
         pipe.zadd(self.keys.openai_batch_index(fields["key_id"]), {fields["id"]: 0})
         pipe.sadd(self.keys.openai_batches_active, fields["id"])
