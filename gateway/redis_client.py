@@ -40,6 +40,9 @@ from redis.exceptions import (
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
+"""What a Redis call can raise: the cluster client's own exceptions do not derive from RedisError."""
+
 RedisClient: TypeAlias = "Redis | RedisCluster"
 """Either client: stores accept both and use only commands the two share."""
 
@@ -79,7 +82,7 @@ async def open_client(settings: Settings, *, socket_timeout: float = 5, socket_c
     if is_cluster(client):
         try:
             await client.initialize()
-        except (RedisError, OSError):
+        except (*REDIS_ERRORS, OSError):
             pass
     return client
 
@@ -125,8 +128,9 @@ async def transaction(redis: Any) -> Any:
     return redis.pipeline(transaction=True)
 
 
-def pubsub(redis: Any) -> Any:
-    """A pub/sub connection on either client."""
+async def pubsub(redis: Any) -> Any:
+    """A pub/sub connection on either client (a cluster client needs its slot map to pick a node)."""
+    await _ready(redis)
     return redis.pubsub()
 
 
@@ -192,6 +196,6 @@ async def gather_bounded(factories: Sequence[Callable[[], Awaitable[Any]]], limi
     return list(await asyncio.gather(*(one(f) for f in factories)))
 
 
-__all__ = ["RedisClient", "RedisError", "RedisFailure", "ScriptCall", "classify", "close", "connect",
+__all__ = ["REDIS_ERRORS", "RedisClient", "RedisError", "RedisFailure", "ScriptCall", "classify", "close", "connect",
            "database_of", "gather_bounded", "is_cluster", "keys_for", "open_client", "pubsub", "run_scripts",
            "transaction", "unavailable"]

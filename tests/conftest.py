@@ -165,6 +165,12 @@ def _backend(request: pytest.FixtureRequest) -> RedisBackend:
 
 
 @pytest.fixture
+def test_redis(request: pytest.FixtureRequest) -> RedisBackend:
+    """The Redis backend of this test: the parametrised one (redis_backend), else the single local server."""
+    return _backend(request)
+
+
+@pytest.fixture
 def redis_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
     """A unique key prefix; every key under it is deleted after the test."""
     backend = _backend(request)

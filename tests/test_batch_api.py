@@ -7,9 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aredis
 
-from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, auth, eventually
+from tests.conftest import KEY_IDS, REALTIME_MODEL, RedisBackend, auth, eventually
 
 
 async def submit(client: Any, body: dict[str, Any], path: str = "/v1/batch/completions",
@@ -33,7 +32,7 @@ async def wait_status(client: Any, job_id: str, statuses: set[str], timeout: flo
     return await eventually(check, timeout=timeout)
 
 
-async def test_seed_curl_flow_completes(gateway: Any) -> None:
+async def test_seed_curl_flow_completes(gateway: Any, test_redis: RedisBackend) -> None:
     """The README's curl: submit with priority, poll status_url until completed, with the runtime's body."""
     created = await submit(gateway, {"model": REALTIME_MODEL, "prompt": "Write a haiku", "max_tokens": 32,
                                      "priority": 1})
@@ -49,12 +48,12 @@ async def test_seed_curl_flow_completes(gateway: Any) -> None:
 
     # The operator's record in Redis holds everything; the event stream has the whole history.
     settings = gateway.app[__import__("gateway.http.appkeys", fromlist=["SETTINGS"]).SETTINGS]
-    r = aredis.Redis.from_url(REDIS_URL)
+    r = test_redis.async_client()
     try:
-        raw = await r.hgetall(f"{settings.redis_prefix}job:{created['id']}")
+        raw = await r.hgetall(f"{settings.redis_prefix}{{batch}}:job:{created['id']}")
         assert raw[b"status"] == b"completed" and raw[b"key_id"] == KEY_IDS["batch"].encode()
-        assert 0 < await r.ttl(f"{settings.redis_prefix}job:{created['id']}") <= settings.batch_job_ttl_seconds
-        events = await r.xrange(f"{settings.redis_prefix}job_events")
+        assert 0 < await r.ttl(f"{settings.redis_prefix}{{batch}}:job:{created['id']}") <= settings.batch_job_ttl_seconds
+        events = await r.xrange(f"{settings.redis_prefix}{{batch}}:job_events")
         mine = [e for _, e in events if e[b"job_id"] == created["id"].encode()]
         assert [e[b"event"] for e in mine] == [b"enqueued", b"started", b"completed"]
         assert mine[-1][b"status"] == b"completed" and mine[-1][b"attempt"] == b"1"

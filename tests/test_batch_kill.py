@@ -33,7 +33,7 @@ async def test_kill_9_mid_queue_loses_nothing_and_completes_nothing_twice(
     victim, victim_url, _ = start_gateway(tmp_path, "victim", env)
     survivor, survivor_url, _ = start_gateway(tmp_path, "survivor", env)
     r = aredis.Redis.from_url(REDIS_URL)
-    stream = f"{redis_prefix}job_events"
+    stream = f"{redis_prefix}{{batch}}:job_events"
     try:
         headers = {"Authorization": f"Bearer {TOKENS['batch']}"}
         ids: list[str] = []
@@ -83,7 +83,7 @@ async def test_kill_9_mid_queue_loses_nothing_and_completes_nothing_twice(
         # Nothing lost: every job completed, each exactly once.
         pipe = r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(f"{redis_prefix}job:{job_id}", "status")
+            pipe.hget(f"{redis_prefix}{{batch}}:job:{job_id}", "status")
         statuses = Counter(s.decode() for s in await pipe.execute())
         assert statuses == {"completed": JOBS}
         history: dict[str, list[tuple[str, str]]] = defaultdict(list)

@@ -13,21 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as redis_sync
 
 from gateway.actors.usage import UsageAccountant, UsageEvent
-from gateway.usage_store import UsageStore
 from gateway.batch.jobs import Endpoint, parse_submission
 from gateway.batch.queue import JobQueue
 from gateway.bootstrap import create_app
 from gateway.commands.common import Progress
 from gateway.keys import hash_token
 from gateway.redis_keys import RedisKeys
+from gateway.usage_store import UsageStore
 from tests.conftest import (
     KEY_IDS,
     REALTIME_MODEL,
-    REDIS_URL,
     TOKENS,
+    RedisBackend,
     auth,
     free_port,
     wait_http,
@@ -43,9 +42,10 @@ def cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> sub
 
 
 @pytest.fixture
-def cli_env(tmp_path: Path, redis_prefix: str) -> dict[str, str]:
+def cli_env(tmp_path: Path, redis_prefix: str, test_redis: RedisBackend) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_GATEWAY_", "NOTIFY_SOCKET", "WATCHDOG_"))}
-    env.update({"REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix, "LOG_FORMAT": "json",
+    env.update({"REDIS_URL": test_redis.url, "REDIS_CLUSTER": str(test_redis.cluster).lower(),
+                "REDIS_PREFIX": redis_prefix, "LOG_FORMAT": "json",
                 "AUTH_KEYS_FILE": str(write_keys_file(tmp_path / "keys.json"))})
     return env
 
@@ -176,11 +176,9 @@ async def test_operator_routes_refuse_what_cannot_be_done(aiohttp_client: Any, m
     assert resp.status == 401
 
 
-async def _make_jobs(settings: Any) -> tuple[dict[str, str], dict[str, str]]:
+async def _make_jobs(settings: Any, test_redis: RedisBackend) -> tuple[dict[str, str], dict[str, str]]:
     """A queued job and a failed one (claimed and failed through the queue, as the dispatcher does)."""
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(REDIS_URL)
+    redis = test_redis.async_client()
     try:
         queue = JobQueue(redis, RedisKeys(settings.redis_prefix), settings)
 
@@ -199,12 +197,13 @@ async def _make_jobs(settings: Any) -> tuple[dict[str, str], dict[str, str]]:
         await redis.aclose()
 
 
+@pytest.mark.usefixtures("redis_backend")  # the CLI honours REDIS_CLUSTER
 async def test_jobs_list_show_cancel_requeue(tmp_path: Path, cli_env: dict[str, str], make_settings: Any,
-                                            redis_prefix: str) -> None:
+                                            redis_prefix: str, test_redis: RedisBackend) -> None:
     settings = make_settings()
-    queued, failing = await _make_jobs(settings)
+    queued, failing = await _make_jobs(settings, test_redis)
     ready_key = f"{redis_prefix}{{batch}}:ready:cli-model"
-    client = redis_sync.Redis.from_url(REDIS_URL, decode_responses=True)
+    client = test_redis.sync_client(decode_responses=True)
     try:
         listed = cli("jobs", "list", "--json", env=cli_env, cwd=tmp_path)
         assert listed.returncode == 0, listed.stderr
@@ -225,18 +224,18 @@ async def test_jobs_list_show_cancel_requeue(tmp_path: Path, cli_env: dict[str, 
 
         requeued = cli("jobs", "requeue", failing["id"], env=cli_env, cwd=tmp_path)
         assert requeued.returncode == 0, requeued.stderr
-        job = client.hgetall(f"{redis_prefix}job:{failing['id']}")
+        job = client.hgetall(f"{redis_prefix}{{batch}}:job:{failing['id']}")
         assert job["status"] == "queued" and job["attempt"] == "0" and job["error"] == ""
-        assert job["requeue_reason"] == "operator" and client.ttl(f"{redis_prefix}job:{failing['id']}") == -1
+        assert job["requeue_reason"] == "operator" and client.ttl(f"{redis_prefix}{{batch}}:job:{failing['id']}") == -1
         assert client.zscore(ready_key, failing["id"]) == float(failing["score"]), "back at its original place"
-        events = [e for _, e in client.xrange(f"{redis_prefix}job_events")]
+        events = [e for _, e in client.xrange(f"{redis_prefix}{{batch}}:job_events")]
         assert events[-1]["event"] == "requeued" and events[-1]["reason"] == "operator"
         again = cli("jobs", "requeue", failing["id"], env=cli_env, cwd=tmp_path)
         assert again.returncode == 1 and "it is queued" in again.stderr
 
         cancelled = cli("jobs", "cancel", queued["id"], failing["id"], env=cli_env, cwd=tmp_path)
         assert cancelled.returncode == 0, cancelled.stderr
-        assert client.hget(f"{redis_prefix}job:{queued['id']}", "status") == "cancelled"
+        assert client.hget(f"{redis_prefix}{{batch}}:job:{queued['id']}", "status") == "cancelled"
         assert client.zcard(ready_key) == 0
         twice = cli("jobs", "cancel", queued["id"], env=cli_env, cwd=tmp_path)
         assert twice.returncode == 1 and "it is cancelled" in twice.stderr
@@ -246,11 +245,11 @@ async def test_jobs_list_show_cancel_requeue(tmp_path: Path, cli_env: dict[str, 
         client.close()
 
 
-async def test_usage_top_and_days(tmp_path: Path, cli_env: dict[str, str], make_settings: Any) -> None:
-    from redis.asyncio import Redis
-
+@pytest.mark.usefixtures("redis_backend")
+async def test_usage_top_and_days(tmp_path: Path, cli_env: dict[str, str], make_settings: Any,
+                                  test_redis: RedisBackend) -> None:
     settings = make_settings()
-    redis = Redis.from_url(REDIS_URL)
+    redis = test_redis.async_client()
     accountant = UsageAccountant(UsageStore(redis, RedisKeys(settings.redis_prefix)), flush_interval=0.05)
     try:
         for _ in range(3):

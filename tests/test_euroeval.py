@@ -15,6 +15,7 @@ import redis as redis_sync
 from gateway.bootstrap import create_app
 from gateway.evals.euroeval import build_args, read_results
 from gateway.http.evals import EVAL_RUNNER
+from gateway.redis_keys import RedisKeys
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, ROOT, auth, eventually, free_port, wait_ready
 from tests.test_evals import create, wait_run
 
@@ -55,10 +56,10 @@ async def test_euroeval_run_succeeds_through_the_gateway(aiohttp_client: Any, ma
     # Six requests went through the realtime proxy, accounted to the caller's key.
     rclient = redis_sync.Redis.from_url(REDIS_URL)
     try:
-        usage_key = f"{redis_prefix}key_usage:{KEY_IDS['eval']}"
+        usage_key = RedisKeys(redis_prefix).key_usage(KEY_IDS['eval'])
         await eventually(lambda: rclient.hget(usage_key, "successes") == b"6")
         assert rclient.hget(usage_key, "requests") == b"6"
-        assert not rclient.exists(f"{redis_prefix}key_usage:__internal_eval__")
+        assert not rclient.exists(RedisKeys(redis_prefix).key_usage("__internal_eval__"))
     finally:
         rclient.close()
     log = Path(client.app[EVAL_RUNNER].settings.euroeval_debug_log).read_text()

@@ -12,12 +12,21 @@ from typing import Any
 
 import orjson
 import pytest
-import redis as redis_sync
 
 from gateway.bootstrap import create_app
 from gateway.evals.runs import Harness, RunSpec
 from gateway.http.evals import EVAL_RUNNER
-from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, ROOT, auth, eventually, start_simulator, wait_ready
+from gateway.redis_keys import RedisKeys
+from tests.conftest import (
+    KEY_IDS,
+    REALTIME_MODEL,
+    ROOT,
+    RedisBackend,
+    auth,
+    eventually,
+    start_simulator,
+    wait_ready,
+)
 
 RUN_EVAL = ROOT / "eval-repo" / "run_eval.py"
 FINAL = ("completed", "failed", "cancelled")
@@ -155,28 +164,28 @@ async def test_each_eval_end_to_end(gateway: Any, sim_url: str, eval_name: str, 
     assert [s["output"] for s in samples] == [s["output"] for s in expected["samples"]]
 
 
-async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: Any, redis_prefix: str) -> None:
+async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: Any, redis_prefix: str, test_redis: RedisBackend) -> None:
     view = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 3}})
     assert (await wait_run(gateway, view["id"]))["status"] == "completed"
-    client = redis_sync.Redis.from_url(REDIS_URL)
+    client = test_redis.sync_client()
     try:
-        job_ids = [j.decode() for j in client.zrange(f"{redis_prefix}job_index:{KEY_IDS['eval']}", 0, -1)]
+        job_ids = [j.decode() for j in client.zrange(f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}", 0, -1)]
         assert len(job_ids) == 3
         for job_id in job_ids:
-            job = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}job:{job_id}").items()}
+            job = {k.decode(): v.decode() for k, v in client.hgetall(f"{redis_prefix}{{batch}}:job:{job_id}").items()}
             assert job["status"] == "completed" and job["priority"] == "0"
             assert json.loads(job["metadata"])["eval_run"] == view["id"]
         # The run's working data is gone once it is scored; the run hash keeps the result.
-        assert not client.exists(f"{redis_prefix}eval_run:{view['id']}:answers")
-        assert not client.sismember(f"{redis_prefix}eval_runs_active", view["id"])
-        usage_key = f"{redis_prefix}key_usage:{KEY_IDS['eval']}"
+        assert not client.exists(f"{redis_prefix}{{evals}}:eval_run:{view['id']}:answers")
+        assert not client.sismember(f"{redis_prefix}{{evals}}:eval_runs_active", view["id"])
+        usage_key = RedisKeys(redis_prefix).key_usage(KEY_IDS['eval'])
         await eventually(lambda: client.hget(usage_key, "requests") == b"3")
     finally:
         client.close()
 
 
-async def test_list_and_visibility(gateway: Any, redis_prefix: str) -> None:
+async def test_list_and_visibility(gateway: Any, redis_prefix: str, test_redis: RedisBackend) -> None:
     mine = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 1}})
     theirs = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
@@ -201,10 +210,10 @@ async def test_list_and_visibility(gateway: Any, redis_prefix: str) -> None:
     assert (await gateway.get("/eval/runs?status=done", headers=auth("eval"))).status == 400
     assert (await gateway.get("/eval/runs/evalrun_nothing", headers=auth("eval"))).status == 404
     # An internal run's batch job is queued (and accounted) under INTERNAL_EVAL_KEY_ID.
-    rclient = redis_sync.Redis.from_url(REDIS_URL)
+    rclient = test_redis.sync_client()
     try:
-        assert rclient.zcard(f"{redis_prefix}job_index:__internal_eval__") == 1
-        assert rclient.zcard(f"{redis_prefix}job_index:{KEY_IDS['eval']}") == 1
+        assert rclient.zcard(f"{redis_prefix}{{batch}}:job_index:__internal_eval__") == 1
+        assert rclient.zcard(f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}") == 1
     finally:
         rclient.close()
 
@@ -266,7 +275,7 @@ async def test_missing_eval_repo_is_503(aiohttp_client: Any, make_settings: Any,
 
 
 async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_settings: Any,
-                                                 redis_prefix: str) -> None:
+                                                 redis_prefix: str, test_redis: RedisBackend) -> None:
     # No dispatcher: the jobs stay queued, so the run is certainly unfinished when it is cancelled.
     client = await aiohttp_client(create_app(make_settings(batch_dispatcher_enabled=False, eval_max_in_flight=3)))
     view = await create(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
@@ -281,14 +290,14 @@ async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_setti
     resp = await client.post(f"/eval/runs/{view['id']}/cancel", headers=auth("eval"))
     assert resp.status == 200
     assert (await resp.json())["status"] == "cancelled"
-    rclient = redis_sync.Redis.from_url(REDIS_URL)
+    rclient = test_redis.sync_client()
     try:
-        job_ids = [j.decode() for j in rclient.zrange(f"{redis_prefix}job_index:{KEY_IDS['eval']}", 0, -1)]
+        job_ids = [j.decode() for j in rclient.zrange(f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}", 0, -1)]
         assert len(job_ids) == 3
-        assert all(rclient.hget(f"{redis_prefix}job:{j}", "status") == b"cancelled" for j in job_ids)
+        assert all(rclient.hget(f"{redis_prefix}{{batch}}:job:{j}", "status") == b"cancelled" for j in job_ids)
         await eventually(lambda: not client.app[EVAL_RUNNER].working_on())
-        assert len(rclient.zrange(f"{redis_prefix}job_index:{KEY_IDS['eval']}", 0, -1)) == 3  # nothing more sent
-        assert not rclient.exists(f"{redis_prefix}eval_run:{view['id']}:jobs")
+        assert len(rclient.zrange(f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}", 0, -1)) == 3  # nothing more sent
+        assert not rclient.exists(f"{redis_prefix}{{evals}}:eval_run:{view['id']}:jobs")
     finally:
         rclient.close()
     resp = await client.post(f"/eval/runs/{view['id']}/cancel", headers=auth("eval"))
@@ -296,24 +305,24 @@ async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_setti
 
 
 async def test_restart_mid_run_resumes_without_duplicates(aiohttp_client: Any, make_settings: Any,
-                                                          redis_prefix: str) -> None:
+                                                          redis_prefix: str, test_redis: RedisBackend) -> None:
     proc, slow_url = start_simulator(REALTIME_MODEL, "--served-model-name", REALTIME_MODEL, "--sim-ttft", "0.3")
-    rclient = redis_sync.Redis.from_url(REDIS_URL)
+    rclient = test_redis.sync_client()
     try:
         settings = make_settings(runtime_url=slow_url, eval_max_in_flight=2, max_concurrent_batch=2)
         first = await aiohttp_client(create_app(settings))
         await wait_ready(first.app)
         view = await create(first, {"harness": "eval-repo", "eval": "capitals-qa", "model": REALTIME_MODEL,
                                     "options": {"limit": 10}})
-        answers_key = f"{redis_prefix}eval_run:{view['id']}:answers"
-        jobs_key = f"{redis_prefix}eval_run:{view['id']}:jobs"
+        answers_key = f"{redis_prefix}{{evals}}:eval_run:{view['id']}:answers"
+        jobs_key = f"{redis_prefix}{{evals}}:eval_run:{view['id']}:jobs"
         await eventually(lambda: rclient.hlen(answers_key) >= 2, timeout=30)
         await first.close()  # the gateway stops in the middle of the run
         answered_before = {k.decode() for k in rclient.hkeys(answers_key)}
         jobs_before = {k.decode(): v.decode() for k, v in rclient.hgetall(jobs_key).items()}
         assert 2 <= len(answered_before) < 10
-        assert rclient.hget(f"{redis_prefix}eval_run:{view['id']}", "status") == b"running"
-        assert rclient.sismember(f"{redis_prefix}eval_runs_active", view["id"])
+        assert rclient.hget(f"{redis_prefix}{{evals}}:eval_run:{view['id']}", "status") == b"running"
+        assert rclient.sismember(f"{redis_prefix}{{evals}}:eval_runs_active", view["id"])
 
         second = await aiohttp_client(create_app(settings))  # same Redis prefix: the run resumes
         done = await wait_run(second, view["id"], timeout=60)
@@ -325,8 +334,8 @@ async def test_restart_mid_run_resumes_without_duplicates(aiohttp_client: Any, m
         assert len({s["id"] for s in samples}) == 10
         # Exactly one batch job per sample, and the jobs sent before the restart were not sent again.
         jobs = {}
-        for raw in rclient.zrange(f"{redis_prefix}job_index:{KEY_IDS['eval']}", 0, -1):
-            job = rclient.hgetall(f"{redis_prefix}job:{raw.decode()}")
+        for raw in rclient.zrange(f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}", 0, -1):
+            job = rclient.hgetall(f"{redis_prefix}{{batch}}:job:{raw.decode()}")
             meta = orjson.loads(job[b"metadata"])
             assert meta["eval_run"] == view["id"] and job[b"status"] == b"completed"
             assert meta["eval_sample"] not in jobs, "a sample was submitted twice"

@@ -51,7 +51,7 @@ async def test_repeated_kill_9_completes_every_job_exactly_once(tmp_path: Path, 
     proc, base, _ = start_gateway(tmp_path, "gw0", env)
     procs: list[subprocess.Popen[bytes]] = [proc]
     r = aredis.Redis.from_url(REDIS_URL)
-    stream = f"{redis_prefix}job_events"
+    stream = f"{redis_prefix}{{batch}}:job_events"
     seen = {"last": "-", "completed": 0}
 
     async def completed_count() -> int:
@@ -99,7 +99,7 @@ async def test_repeated_kill_9_completes_every_job_exactly_once(tmp_path: Path, 
 
         pipe = r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(f"{redis_prefix}job:{job_id}", "status")
+            pipe.hget(f"{redis_prefix}{{batch}}:job:{job_id}", "status")
         statuses = Counter(s.decode() for s in await pipe.execute())
         assert statuses == {"completed": JOBS}
         history: dict[str, list[str]] = defaultdict(list)

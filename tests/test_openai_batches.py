@@ -11,7 +11,6 @@ from typing import Any
 import openai
 import orjson
 import pytest
-import redis.asyncio as aredis
 from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
@@ -22,6 +21,7 @@ from tests.conftest import (
     REALTIME_MODEL,
     REDIS_URL,
     TOKENS,
+    RedisBackend,
     auth,
     eventually,
     free_port,
@@ -187,7 +187,7 @@ async def test_unusable_file_fails_the_batch(aiohttp_client: Any, make_settings:
     assert (await resp.json())["data"] == []
 
 
-async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim: str) -> None:
+async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim: str, test_redis: RedisBackend) -> None:
     client = await aiohttp_client(create_app(make_settings(runtime_url=slow_sim, max_concurrent_batch=2)))
     await wait_ready(client.app)
     api = sdk(client)
@@ -212,7 +212,7 @@ async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim:
     assert sorted(x["custom_id"] for x in out + errors) == sorted(f"c{i}" for i in range(n))
     # The queue holds nothing of the batch any more; a second cancel is a 409.
     settings = client.app[SETTINGS]
-    r = aredis.Redis.from_url(REDIS_URL)
+    r = test_redis.async_client()
     try:
         assert await r.zcard(f"{settings.redis_prefix}{{batch}}:ready:{REALTIME_MODEL}") == 0
     finally:
@@ -400,7 +400,7 @@ async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, re
         proc.wait(10)
 
 
-async def test_resume_in_finalizing_rewrites_the_files(gateway: Any) -> None:
+async def test_resume_in_finalizing_rewrites_the_files(gateway: Any, test_redis: RedisBackend) -> None:
     """A gateway that stopped after writing the files but before the final status writes them again, once."""
     from gateway.http.appkeys import BATCH_MANAGER
 
@@ -409,10 +409,10 @@ async def test_resume_in_finalizing_rewrites_the_files(gateway: Any) -> None:
     done = await wait_batch(api, batch.id, {"completed"})
     old_out, old_err = await file_lines(api, done.output_file_id), await file_lines(api, done.error_file_id)
     prefix = gateway.app[SETTINGS].redis_prefix
-    r = aredis.Redis.from_url(REDIS_URL)
+    r = test_redis.async_client()
     try:
-        await r.hset(f"{prefix}openai_batch:{batch.id}", "status", "finalizing")
-        await r.sadd(f"{prefix}openai_batches_active", batch.id)
+        await r.hset(f"{prefix}{{batch}}:openai_batch:{batch.id}", "status", "finalizing")
+        await r.sadd(f"{prefix}{{batch}}:openai_batches_active", batch.id)
     finally:
         await r.aclose()
     gateway.app[BATCH_MANAGER].wake(batch.id)
@@ -451,7 +451,7 @@ async def test_job_cancelled_on_its_own_counts_as_failed(aiohttp_client: Any, ma
     assert error["custom_id"] == f"j{n - 1}" and error["error"]["code"] == "job_cancelled"
 
 
-async def test_resume_enqueue_after_the_last_committed_chunk(aiohttp_client: Any, make_settings: Any) -> None:
+async def test_resume_enqueue_after_the_last_committed_chunk(aiohttp_client: Any, make_settings: Any, test_redis: RedisBackend) -> None:
     """The state a crash between two enqueue transactions leaves: the next gateway continues at the cursor."""
     n = 60
     rows: list[Any] = [line(f"q{i}") for i in range(n)]
@@ -462,27 +462,27 @@ async def test_resume_enqueue_after_the_last_committed_chunk(aiohttp_client: Any
     api = sdk(first)
     batch = await run_batch(api, jsonl(rows))
     prefix = parked.redis_prefix
-    r = aredis.Redis.from_url(REDIS_URL)
+    r = test_redis.async_client()
     try:
         async def enqueued() -> bool:
-            return await r.hget(f"{prefix}openai_batch:{batch.id}", "enqueue_done") == b"1"
+            return await r.hget(f"{prefix}{{batch}}:openai_batch:{batch.id}", "enqueue_done") == b"1"
 
         await eventually(enqueued)
         await first.close()
         # Undo everything after line 40, as if the gateway died right after the chunk ending there.
-        jobs_key = f"{prefix}openai_batch_jobs:{batch.id}"
+        jobs_key = f"{prefix}{{batch}}:openai_batch_jobs:{batch.id}"
         ids = [x.decode() for x in await r.lrange(jobs_key, 0, -1)]
         assert len(ids) == n
         for job_id in ids[40:]:
-            await r.delete(f"{prefix}job:{job_id}")
+            await r.delete(f"{prefix}{{batch}}:job:{job_id}")
             await r.zrem(f"{prefix}{{batch}}:ready:{REALTIME_MODEL}", job_id)
-            await r.zrem(f"{prefix}job_index:{KEY_IDS['batch']}", job_id)
+            await r.zrem(f"{prefix}{{batch}}:job_index:{KEY_IDS['batch']}", job_id)
         await r.ltrim(jobs_key, 0, 39)
-        errors_key = f"{prefix}openai_batch_errors:{batch.id}"
+        errors_key = f"{prefix}{{batch}}:openai_batch_errors:{batch.id}"
         assert await r.llen(errors_key) == 2
         await r.delete(errors_key)
-        await r.hset(f"{prefix}openai_batch:{batch.id}", mapping={"enqueued_line": "40", "invalid": "0"})
-        await r.hdel(f"{prefix}openai_batch:{batch.id}", "enqueue_done")
+        await r.hset(f"{prefix}{{batch}}:openai_batch:{batch.id}", mapping={"enqueued_line": "40", "invalid": "0"})
+        await r.hdel(f"{prefix}{{batch}}:openai_batch:{batch.id}", "enqueue_done")
     finally:
         await r.aclose()
 

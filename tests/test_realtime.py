@@ -13,6 +13,7 @@ from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACCOUNTANT, SETTINGS
+from gateway.redis_keys import RedisKeys
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, TOKENS, auth, eventually, start_simulator, wait_ready
 
 
@@ -60,7 +61,7 @@ async def test_sdk_streaming_usage_only_when_asked(gateway: Any) -> None:
     await eventually(lambda: accountant.buffered == 0)
     prefix = gateway.app[SETTINGS].redis_prefix
     r = redis_async.Redis.from_url(REDIS_URL, decode_responses=True)
-    usage = await r.hgetall(f"{prefix}key_usage:{KEY_IDS['realtime']}")
+    usage = await r.hgetall(RedisKeys(prefix).key_usage(KEY_IDS['realtime']))
     await r.aclose()
     assert usage["requests"] == "2" and usage["completion_tokens"] == "12"
 
@@ -159,8 +160,8 @@ async def test_usage_counters_after_mixed_traffic(gateway: Any) -> None:
     # The raw Redis layout operators read with redis-cli: all-time hash and the daily bucket with a TTL.
     prefix = gateway.app[SETTINGS].redis_prefix
     r = redis_async.Redis.from_url(REDIS_URL, decode_responses=True)
-    raw = await r.hgetall(f"{prefix}key_usage:{KEY_IDS['realtime']}")
-    ttl = await r.ttl(f"{prefix}key_usage:{KEY_IDS['realtime']}::{day}")
+    raw = await r.hgetall(RedisKeys(prefix).key_usage(KEY_IDS['realtime']))
+    ttl = await r.ttl(RedisKeys(prefix).key_usage_day(KEY_IDS['realtime'], day))
     await r.aclose()
     assert raw["requests"] == "5" and float(raw["last_used_at"]) > 0
     assert 89 * 86400 < ttl <= 90 * 86400

@@ -15,6 +15,7 @@ import redis as redis_sync
 from gateway import metrics
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACCOUNTANT
+from gateway.redis_keys import RedisKeys
 from tests.conftest import KEY_IDS, REALTIME_MODEL, auth, eventually, free_port, wait_ready
 
 
@@ -86,7 +87,7 @@ async def test_realtime_survives_redis_outage_and_usage_is_flushed(aiohttp_clien
     private_redis.start()
     await eventually(lambda: accountant.buffered == 0, timeout=20)
     stored = redis_sync.Redis.from_url(private_redis.url, decode_responses=True).hgetall(
-        f"key_usage:{KEY_IDS['realtime']}")
+        RedisKeys("").key_usage(KEY_IDS["realtime"]))
     # The restarted Redis kept nothing on disk: exactly the 8 buffered events were written after recovery.
     assert stored["requests"] == "8"
     assert stored["completion_tokens"] == str(8 * 3)

@@ -210,7 +210,7 @@ def test_sigterm_hands_a_running_batch_job_back_to_the_queue(tmp_path: Path, red
         assert resp.status == 202
         job_id = json.loads(resp.read())["id"]
         conn.close()
-        job_key = f"{redis_prefix}job:{job_id}"
+        job_key = f"{redis_prefix}{{batch}}:job:{job_id}"
         deadline = time.monotonic() + 20
         while client.hget(job_key, "status") != "running":
             assert time.monotonic() < deadline, "the job never started"
@@ -225,7 +225,7 @@ def test_sigterm_hands_a_running_batch_job_back_to_the_queue(tmp_path: Path, red
         assert job["attempt"] == "0", "a drain must not use up one of the job's attempts"
         assert client.zscore(f"{redis_prefix}{{batch}}:ready:{REALTIME_MODEL}", job_id) is not None
         assert client.zcard(f"{redis_prefix}{{batch}}:leases") == 0
-        events = [e["event"] for _, e in client.xrange(f"{redis_prefix}job_events")]
+        events = [e["event"] for _, e in client.xrange(f"{redis_prefix}{{batch}}:job_events")]
         assert events[-1] == "requeued"
     finally:
         client.close()

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from redis.exceptions import RedisError
 
-from gateway import metrics
+from gateway import metrics, redis_client
 from gateway.activity import RealtimeActivity
 from gateway.actors.base import Actor
 from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupervisor
@@ -154,7 +154,7 @@ class BatchDispatcher(Actor):
     # --- run loop
     async def run(self) -> None:
         """Schedule until stopped; a listener and a lease keeper run beside the scheduler."""
-        pubsub = self.queue.redis.pubsub()
+        pubsub = await redis_client.pubsub(self.queue.redis)
         await pubsub.subscribe(self.queue.keys.batch_notify, self.queue.keys.batch_cancel)
         try:
             async with asyncio.TaskGroup() as tg:

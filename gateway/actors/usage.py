@@ -7,11 +7,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
-
 from gateway import metrics
 from gateway.actors.base import STOP, Actor
 from gateway.batch.queue import instance_id
+from gateway.redis_client import REDIS_ERRORS
 from gateway.usage_store import FIELDS, FlushId, UsageDelta, UsageStore, utc_day
 
 
@@ -78,7 +77,7 @@ class UsageAccountant(Actor):
                 try:
                     await self.flush()
                     backoff = self.flush_interval
-                except (RedisError, OSError) as exc:
+                except (*REDIS_ERRORS, OSError) as exc:
                     metrics.USAGE_FLUSH_FAILURES.inc()
                     self.log.warning("usage_flush_failed", error=str(exc), buffered=self.buffered,
                                      retry_in=backoff)

@@ -58,6 +58,22 @@ local n = tonumber(ARGV[7])
 local pos = 8
 if n == 0 then return 0 end
 if redis.call('EXISTS', ARGV[4] .. ARGV[pos]) == 1 then return 0 end
+-- Check every key it will write before writing any (a script stops at a failing command but keeps what it
+-- already wrote): a key of the wrong type fails the call with nothing written.
+local function expect(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', the batch queue needs a ' .. kind)
+  end
+end
+local bad = expect(KEYS[1], 'stream') or expect(KEYS[2], 'set') or expect(KEYS[3], 'zset') or expect(KEYS[4], 'set')
+if bad then return bad end
+local scan = pos
+for j = 1, n do
+  bad = expect(ARGV[5] .. ARGV[scan + 1], 'zset')
+  if bad then return bad end
+  scan = scan + 4 + 2 * tonumber(ARGV[scan + 3])
+end
 local models = {}
 for j = 1, n do
   local id, model, score, nf = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], tonumber(ARGV[pos + 3])

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway import metrics, redis_client
 from gateway.errors import ApiError, DomainError
@@ -60,7 +59,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = domain_error_response(exc)
     except web.HTTPException as exc:
         response = _http_exception_response(request, exc)
-    except RedisError as exc:
+    except redis_client.REDIS_ERRORS as exc:
         # Jobs, batches, evals and usage live in Redis: unreachable is a 503 to retry; an error Redis
         # answered with (a script error, WRONGTYPE, CROSSSLOT) is a 500 that names it.
         failure = redis_client.classify(exc)
