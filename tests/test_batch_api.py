@@ -32,6 +32,7 @@ async def wait_status(client: Any, job_id: str, statuses: set[str], timeout: flo
     return await eventually(check, timeout=timeout)
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_seed_curl_flow_completes(gateway: Any, test_redis: RedisBackend) -> None:
     """The README's curl: submit with priority, poll status_url until completed, with the runtime's body."""
     created = await submit(gateway, {"model": REALTIME_MODEL, "prompt": "Write a haiku", "max_tokens": 32,
@@ -61,6 +62,7 @@ async def test_seed_curl_flow_completes(gateway: Any, test_redis: RedisBackend) 
         await r.aclose()
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_chat_job_completes(gateway: Any) -> None:
     created = await submit(gateway, {"model": REALTIME_MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "max_tokens": 4, "metadata": {"run": "r1"}}, "/v1/batch/chat/completions")
@@ -130,6 +132,7 @@ async def test_another_keys_job_is_not_found(gateway: Any) -> None:
     assert job["status"] == "completed"
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_runtime_4xx_fails_at_once_with_its_message(gateway: Any) -> None:
     created = await submit(gateway, {"model": REALTIME_MODEL, "prompt": "x", "max_tokens": "lots"})
     job = await wait_status(gateway, created["id"], {"failed"})
@@ -138,6 +141,7 @@ async def test_runtime_4xx_fails_at_once_with_its_message(gateway: Any) -> None:
     assert "rejected" in job["error"]["message"]
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_list_filters_and_cursor(aiohttp_client: Any, make_settings: Callable[..., Any]) -> None:
     from gateway.bootstrap import create_app
 
@@ -168,6 +172,7 @@ async def test_list_filters_and_cursor(aiohttp_client: Any, make_settings: Calla
         assert resp.status == 400, bad
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_cancel_queued_job(aiohttp_client: Any, make_settings: Callable[..., Any]) -> None:
     from gateway.bootstrap import create_app
     from gateway.http.appkeys import REDIS, REDIS_KEYS

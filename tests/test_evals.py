@@ -164,6 +164,7 @@ async def test_each_eval_end_to_end(gateway: Any, sim_url: str, eval_name: str, 
     assert [s["output"] for s in samples] == [s["output"] for s in expected["samples"]]
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: Any, redis_prefix: str, test_redis: RedisBackend) -> None:
     view = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 3}})
@@ -185,6 +186,7 @@ async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: An
         client.close()
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_list_and_visibility(gateway: Any, redis_prefix: str, test_redis: RedisBackend) -> None:
     mine = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 1}})
@@ -218,6 +220,7 @@ async def test_list_and_visibility(gateway: Any, redis_prefix: str, test_redis: 
         rclient.close()
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_protocol_error_in_prepare_is_a_failed_run(gateway: Any) -> None:
     # Internal runs skip the API's validation: run_eval.py's own check surfaces as the run's error.
     run = await gateway.app[EVAL_RUNNER].create_run(RunSpec(Harness.EVAL_REPO, REALTIME_MODEL,
@@ -274,6 +277,7 @@ async def test_missing_eval_repo_is_503(aiohttp_client: Any, make_settings: Any,
     assert "EVAL_REPO_DIR" in (await resp.json())["error"]["message"]
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_settings: Any,
                                                  redis_prefix: str, test_redis: RedisBackend) -> None:
     # No dispatcher: the jobs stay queued, so the run is certainly unfinished when it is cancelled.
@@ -304,6 +308,7 @@ async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_setti
     assert resp.status == 409 and "already cancelled" in (await resp.json())["error"]["message"]
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_restart_mid_run_resumes_without_duplicates(aiohttp_client: Any, make_settings: Any,
                                                           redis_prefix: str, test_redis: RedisBackend) -> None:
     proc, slow_url = start_simulator(REALTIME_MODEL, "--served-model-name", REALTIME_MODEL, "--sim-ttft", "0.3")

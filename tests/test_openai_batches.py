@@ -78,6 +78,7 @@ async def file_lines(api: AsyncOpenAI, file_id: str | None) -> list[dict[str, An
     return [orjson.loads(x) for x in content.content.splitlines() if x.strip()]
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_sdk_end_to_end_1000_lines(gateway: Any) -> None:
     api = sdk(gateway)
     n = 1000
@@ -113,6 +114,7 @@ async def test_sdk_end_to_end_1000_lines(gateway: Any) -> None:
     assert job["metadata"]["openai_batch_id"] == batch.id
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_bad_lines_go_to_the_error_file(gateway: Any) -> None:
     api = sdk(gateway)
     rows: list[Any] = [
@@ -187,6 +189,7 @@ async def test_unusable_file_fails_the_batch(aiohttp_client: Any, make_settings:
     assert (await resp.json())["data"] == []
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim: str, test_redis: RedisBackend) -> None:
     client = await aiohttp_client(create_app(make_settings(runtime_url=slow_sim, max_concurrent_batch=2)))
     await wait_ready(client.app)
@@ -224,6 +227,7 @@ async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim:
 
 
 @pytest.mark.parametrize("when", ["while_running", "right_after_create"])
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_restart_mid_batch_loses_no_line(aiohttp_client: Any, make_settings: Any, slow_sim: str,
                                                when: str) -> None:
     settings = make_settings(runtime_url=slow_sim, max_concurrent_batch=4, shutdown_timeout=2.0,
@@ -314,6 +318,7 @@ async def test_create_validation_ownership_and_scope(gateway: Any) -> None:
         assert resp.status == 401 and (await resp.json())["error"]["code"] == "missing_scope"
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_list_pagination(gateway: Any) -> None:
     api = sdk(gateway)
     f = await api.files.create(file=("in.jsonl", jsonl([line("a")])), purpose="batch")
@@ -327,6 +332,7 @@ async def test_list_pagination(gateway: Any) -> None:
     assert seen == ids[::-1]
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_input_file_of_an_active_batch_cannot_be_deleted(aiohttp_client: Any, make_settings: Any,
                                                                slow_sim: str) -> None:
     client = await aiohttp_client(create_app(make_settings(runtime_url=slow_sim, max_concurrent_batch=1)))
@@ -400,6 +406,7 @@ async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, re
         proc.wait(10)
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_resume_in_finalizing_rewrites_the_files(gateway: Any, test_redis: RedisBackend) -> None:
     """A gateway that stopped after writing the files but before the final status writes them again, once."""
     from gateway.http.appkeys import BATCH_MANAGER
@@ -451,6 +458,7 @@ async def test_job_cancelled_on_its_own_counts_as_failed(aiohttp_client: Any, ma
     assert error["custom_id"] == f"j{n - 1}" and error["error"]["code"] == "job_cancelled"
 
 
+@pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
 async def test_resume_enqueue_after_the_last_committed_chunk(aiohttp_client: Any, make_settings: Any, test_redis: RedisBackend) -> None:
     """The state a crash between two enqueue transactions leaves: the next gateway continues at the cursor."""
     n = 60
