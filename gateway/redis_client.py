@@ -42,6 +42,8 @@ from gateway.settings import Settings
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 """What a Redis call can raise: the cluster client's own exceptions do not derive from RedisError."""
+REDIS_OR_OS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+"""The same, and the socket errors a few code paths let through."""
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 """Either client: stores accept both and use only commands the two share."""
@@ -82,7 +84,7 @@ async def open_client(settings: Settings, *, socket_timeout: float = 5, socket_c
     if is_cluster(client):
         try:
             await client.initialize()
-        except (*REDIS_ERRORS, OSError):
+        except REDIS_OR_OS_ERRORS:
             pass
     return client
 
@@ -196,6 +198,6 @@ async def gather_bounded(factories: Sequence[Callable[[], Awaitable[Any]]], limi
     return list(await asyncio.gather(*(one(f) for f in factories)))
 
 
-__all__ = ["REDIS_ERRORS", "RedisClient", "RedisError", "RedisFailure", "ScriptCall", "classify", "close", "connect",
-           "database_of", "gather_bounded", "is_cluster", "keys_for", "open_client", "pubsub", "run_scripts",
-           "transaction", "unavailable"]
+__all__ = ["REDIS_ERRORS", "REDIS_OR_OS_ERRORS", "RedisClient", "RedisError", "RedisFailure", "ScriptCall",
+           "classify", "close", "connect", "database_of", "gather_bounded", "is_cluster", "keys_for", "open_client",
+           "pubsub", "run_scripts", "transaction", "unavailable"]

@@ -135,7 +135,7 @@ async def throughput(args: argparse.Namespace, tmp: Path, keys: Path, ttft: floa
             print(f"enqueue over HTTP, concurrency 32: {jobs / enqueue_s:,.0f} jobs/s "
                   f"({jobs} jobs in {enqueue_s:.2f} s)")
 
-            stream = f"{prefix}job_events"
+            stream = f"{prefix}{{batch}}:job_events"
             async with Gateway(settings_for(prefix, keys, tmp, **common)) as worker:
                 dispatcher = worker.app[DISPATCHER]
                 started = time.perf_counter()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from gateway import metrics
 from gateway.actors.base import STOP, Actor
 from gateway.batch.queue import instance_id
-from gateway.redis_client import REDIS_ERRORS
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.usage_store import FIELDS, FlushId, UsageDelta, UsageStore, utc_day
 
 
@@ -77,7 +77,7 @@ class UsageAccountant(Actor):
                 try:
                     await self.flush()
                     backoff = self.flush_interval
-                except (*REDIS_ERRORS, OSError) as exc:
+                except REDIS_OR_OS_ERRORS as exc:
                     metrics.USAGE_FLUSH_FAILURES.inc()
                     self.log.warning("usage_flush_failed", error=str(exc), buffered=self.buffered,
                                      retry_in=backoff)

@@ -10,6 +10,7 @@ A job's status changes are fenced by the holder's claim token, so a stale holder
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import socket
@@ -403,12 +404,12 @@ class JobQueue:
         (fields,) = await self.enqueue_chunk(key_id, [submission])
         return fields
 
-    async def enqueue_chunk(self, key_id: str, submissions: Sequence[Submission]) -> list[dict[str, str]]:
+    async def enqueue_chunk(self, key_id: str, submissions: Sequence[Submission]) -> builtins.list[dict[str, str]]:
         """Store and queue several jobs of one key in one script: either all of them exist afterwards, or
         none does. A call retried after a lost reply finds its jobs and adds nothing."""
         now = time.time()
-        jobs: list[dict[str, str]] = []
-        args: list[Any] = [self.settings.job_stream_maxlen or 0, repr(now), key_id, self.keys.job(""),
+        jobs: builtins.list[dict[str, str]] = []
+        args: builtins.list[Any] = [self.settings.job_stream_maxlen or 0, repr(now), key_id, self.keys.job(""),
                            self.keys.batch_ready(""), self.keys.batch_notify, len(submissions)]
         for submission in submissions:
             fields = self._new_fields(key_id, submission, now)
@@ -526,7 +527,7 @@ class JobQueue:
                 [now, self.settings.batch_job_ttl_seconds, key_id, self.keys.batch_ready(""), self.keys.batch_cancel,
                  self.settings.job_stream_maxlen or 0, job_id])
 
-    def enqueue_many(self, pipe: Any, key_id: str, submissions: Sequence[Submission]) -> list[dict[str, str]]:
+    def enqueue_many(self, pipe: Any, key_id: str, submissions: Sequence[Submission]) -> builtins.list[dict[str, str]]:
         """Add the commands that store and queue new jobs to `pipe`, a transaction; the caller executes it.
 
         For callers that enqueue many jobs at once in the same MULTI/EXEC as their own bookkeeping (the
@@ -535,7 +536,7 @@ class JobQueue:
         A cluster transaction takes no PUBLISH: the caller calls `notify` once it has run, and counts
         BATCH_JOBS{event="enqueued"}.
         """
-        out: list[dict[str, str]] = []
+        out: builtins.list[dict[str, str]] = []
         models: set[str] = set()
         now = time.time()
         for submission in submissions:
@@ -702,7 +703,7 @@ class JobQueue:
                                 args=[n, self._lease_deadline(), owner, model, self.keys.job(""), repr(time.time()),
                                       self.settings.batch_max_attempts, self.settings.batch_job_ttl_seconds,
                                       self.settings.job_stream_maxlen or 0])
-        held: list[HeldJob] = []
+        held: builtins.list[HeldJob] = []
         for job_id, token, score, fields in raw or []:
             if not token:
                 metrics.BATCH_JOBS.labels("failed").inc()  # gave up: out of attempts
@@ -724,7 +725,7 @@ class JobQueue:
                      final: bool = False, event: str = "", reason: str = "") -> int | None:
         """Change a running job we hold, with its `event` (if any) in the same step; the new attempt
         number, or None if we no longer hold it."""
-        args: list[Any] = [job.token, repr(time.time()), self.settings.batch_job_ttl_seconds if final else 0,
+        args: builtins.list[Any] = [job.token, repr(time.time()), self.settings.batch_job_ttl_seconds if final else 0,
                            attempt_delta, event, reason, self.settings.job_stream_maxlen or 0]
         for k, v in fields.items():
             args.extend((k, v))
@@ -741,15 +742,16 @@ class JobQueue:
         """Write a final outcome of a job we hold, its event, and drop the lease, in one script; False if
         the job was no longer ours."""
         (done,) = await self.finish_many([(job, fields, event)])
-        return done
+        return bool(done)
 
-    async def finish_many(self, outcomes: Sequence[tuple[HeldJob, Mapping[str, str | bytes], str]]) -> list[bool]:
+    async def finish_many(self, outcomes: Sequence[tuple[HeldJob, Mapping[str, str | bytes], str]]
+                          ) -> builtins.list[bool]:
         """`finish` for many jobs in one round trip (one pipeline; concurrent calls on a cluster)."""
-        calls: list[redis_client.ScriptCall] = []
+        calls: builtins.list[redis_client.ScriptCall] = []
         now = repr(time.time())
         for job, fields, event in outcomes:
             job.settled = True
-            args: list[Any] = [job.token, now, self.settings.batch_job_ttl_seconds, event,
+            args: builtins.list[Any] = [job.token, now, self.settings.batch_job_ttl_seconds, event,
                                self.settings.job_stream_maxlen or 0, job.id]
             for k, v in fields.items():
                 args.extend((k, v))
@@ -806,8 +808,8 @@ class JobQueue:
         expired = await self.redis.zrangebyscore(self.keys.batch_leases, "-inf", now_ms, start=0, num=limit)
         if not expired:
             return 0
-        ids = [_text(x) for x in expired]
-        calls: list[redis_client.ScriptCall] = [
+        ids = [_text(x) for x in expired if isinstance(x, (bytes, str))]
+        calls: builtins.list[redis_client.ScriptCall] = [
             (self._reap, [self.keys.batch_leases, self.keys.batch_lease_tokens, self.keys.job_events,
                           self.keys.batch_models],
              [job_id, repr(now), now_ms, self.keys.job(""), self.keys.batch_ready(""),

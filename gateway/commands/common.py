@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import orjson
 from redis.asyncio import Redis
 
-from gateway.redis_client import REDIS_ERRORS, classify, open_client
+from gateway.redis_client import REDIS_OR_OS_ERRORS, classify, open_client
 from gateway.settings import Settings
 
 AsyncCommand = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -90,7 +90,7 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
     client = await open_client(settings, socket_timeout=10, socket_connect_timeout=5)
     try:
         yield client
-    except (*REDIS_ERRORS, OSError) as exc:
+    except REDIS_OR_OS_ERRORS as exc:
         kind = "Redis Cluster" if settings.redis_cluster else "Redis"
         raise CliError(f"{kind} at {settings.redis_url} failed: {classify(exc).message} ({exc})") from None
     finally:
