@@ -272,3 +272,23 @@ async def test_event_stream_trimmed_by_age(make_queue: Callable[..., JobQueue]) 
     await queue.trim_events()
     events = [e[b"event"] for _, e in await r.xrange(queue.keys.job_events)]
     assert events == [b"enqueued"]
+
+
+async def test_concurrent_finishes_share_a_round_trip(make_queue: Callable[..., JobQueue],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = make_queue()
+    for i in range(20):
+        await queue.enqueue("k", sub(prompt=str(i)))
+    held = await queue.claim(MODEL, 20, "a")
+    batches: list[int] = []
+    real = queue.finish_many
+
+    async def counted(outcomes: Any) -> list[bool]:
+        batches.append(len(outcomes))
+        return await real(outcomes)
+
+    monkeypatch.setattr(queue, "finish_many", counted)
+    results = await asyncio.gather(*(queue.finish(j, {"status": "completed"}, "completed") for j in held))
+    assert results == [True] * 20
+    assert sum(batches) == 20 and len(batches) <= 2  # twenty slots finishing at once: one or two round trips
+    assert await queue.redis.zcard(queue.keys.batch_leases) == 0

@@ -10,6 +10,7 @@ A job's status changes are fenced by the holder's claim token, so a stale holder
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import os
 import secrets
@@ -392,6 +393,8 @@ class JobQueue:
         self._reap = redis.register_script(_REAP)
         self._cancel = redis.register_script(_CANCEL)
         self._requeue_failed = redis.register_script(_REQUEUE_FAILED)
+        self._finishing: builtins.list[tuple[tuple[HeldJob, Mapping[str, str | bytes], str], asyncio.Future[bool]]] = []
+        self._finisher: asyncio.Task[None] | None = None
 
     # --- scoring
     def score(self, created_at: float, priority: int) -> float:
@@ -740,9 +743,34 @@ class JobQueue:
 
     async def finish(self, job: HeldJob, fields: Mapping[str, str | bytes], event: str) -> bool:
         """Write a final outcome of a job we hold, its event, and drop the lease, in one script; False if
-        the job was no longer ours."""
-        (done,) = await self.finish_many([(job, fields, event)])
-        return bool(done)
+        the job was no longer ours.
+
+        Outcomes that arrive while another finish is on the wire go together in the next round trip
+        (`finish_many`), so many slots finishing at once cost one round trip, not one each.
+        """
+        job.settled = True
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._finishing.append(((job, fields, event), done))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.create_task(self._finish_pending(), name="batch_queue:finish")
+        # Shielded: a caller cancelled now still has its outcome written (the job is settled).
+        return await asyncio.shield(done)
+
+    async def _finish_pending(self) -> None:
+        while self._finishing:
+            batch, self._finishing = self._finishing, []
+            try:
+                results = await self.finish_many([outcome for outcome, _ in batch])
+            except BaseException as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("finish cancelled"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, done), result in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(result)
 
     async def finish_many(self, outcomes: Sequence[tuple[HeldJob, Mapping[str, str | bytes], str]]
                           ) -> builtins.list[bool]:
