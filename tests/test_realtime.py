@@ -14,7 +14,17 @@ from openai import AsyncOpenAI
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACCOUNTANT, SETTINGS
 from gateway.redis_keys import RedisKeys
-from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, TOKENS, auth, eventually, start_simulator, wait_ready
+from tests.conftest import (
+    KEY_IDS,
+    REALTIME_MODEL,
+    REDIS_URL,
+    TOKENS,
+    RedisBackend,
+    auth,
+    eventually,
+    start_simulator,
+    wait_ready,
+)
 
 
 def sdk(client: Any, role: str = "realtime") -> AsyncOpenAI:
@@ -124,7 +134,8 @@ async def test_model_alias(aiohttp_client: Any, make_settings: Any) -> None:
     assert {"short-name", "other", REALTIME_MODEL} <= {m["id"] for m in listing["data"]}
 
 
-async def test_usage_counters_after_mixed_traffic(gateway: Any) -> None:
+@pytest.mark.usefixtures("redis_backend")  # usage on one Redis and on a Redis Cluster
+async def test_usage_counters_after_mixed_traffic(gateway: Any, test_redis: RedisBackend) -> None:
     api = sdk(gateway)
     for _ in range(3):
         await api.completions.create(model=REALTIME_MODEL, prompt="one two three", max_tokens=4)
@@ -159,7 +170,7 @@ async def test_usage_counters_after_mixed_traffic(gateway: Any) -> None:
 
     # The raw Redis layout operators read with redis-cli: all-time hash and the daily bucket with a TTL.
     prefix = gateway.app[SETTINGS].redis_prefix
-    r = redis_async.Redis.from_url(REDIS_URL, decode_responses=True)
+    r = test_redis.async_client(decode_responses=True)
     raw = await r.hgetall(RedisKeys(prefix).key_usage(KEY_IDS['realtime']))
     ttl = await r.ttl(RedisKeys(prefix).key_usage_day(KEY_IDS['realtime'], day))
     await r.aclose()
