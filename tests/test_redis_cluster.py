@@ -176,6 +176,8 @@ async def test_unreachable_redis_is_a_503_with_retry_after(aiohttp_client: Any, 
     body = await resp.json()
     assert resp.status == 503 and body["error"]["code"] == "redis_unavailable"
     assert resp.headers["Retry-After"] == "5"
+    ready = await client.get("/ready")  # what a load balancer health-checks
+    assert ready.status == 503 and (await ready.json())["redis"] == "down"
 
 
 async def test_cross_slot_errors_name_the_cause(client_of: Callable[..., Any], test_redis: RedisBackend) -> None:

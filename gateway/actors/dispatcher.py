@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
-from redis.exceptions import RedisError
 
 from gateway import metrics, redis_client
 from gateway.activity import RealtimeActivity
@@ -35,6 +34,7 @@ from gateway.batch.coserve import (
 )
 from gateway.batch.jobs import PRIORITY_MAX, JobStatus
 from gateway.batch.queue import HeldJob, JobQueue, instance_id
+from gateway.redis_client import REDIS_ERRORS, REDIS_OR_OS_ERRORS
 from gateway.settings import RuntimeBackend, Settings
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class BatchDispatcher(Actor):
                 timeout = await self._schedule()
             except asyncio.CancelledError:
                 raise
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.log.warning("batch_redis_error", error=str(exc))
                 timeout = 1.0
             if self.stopping:
@@ -751,10 +751,10 @@ class BatchDispatcher(Actor):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except REDIS_OR_OS_ERRORS as exc:
                 self.log.warning("batch_listen_error", error=str(exc))
                 await asyncio.sleep(1.0)
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_OR_OS_ERRORS):
                     await pubsub.subscribe(self.queue.keys.batch_notify, self.queue.keys.batch_cancel)
                 continue
             if message is None:
@@ -802,7 +802,7 @@ class BatchDispatcher(Actor):
                 self._account()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except REDIS_OR_OS_ERRORS as exc:
                 self.log.warning("batch_lease_keeper_error", error=str(exc))
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gateway import metrics, redis_client
 from gateway.actors.base import STOP, Actor
@@ -33,6 +32,7 @@ from gateway.evals.euroeval import EuroEvalFailed, build_args, run_euroeval
 from gateway.evals.evalrepo import EvalRepo, EvalRepoError
 from gateway.evals.runs import FINAL_STATUSES, Harness, RunSpec, RunStatus, RunStore, run_view
 from gateway.keys import ApiKey, Keyring, Scope
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -164,7 +164,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
     async def _guard(self, step: Any) -> None:
         try:
             await step
-        except (RedisError, OSError) as exc:
+        except REDIS_OR_OS_ERRORS as exc:
             # Redis away for a moment: the next tick tries again; the runs keep their state in Redis.
             self.log.warning("eval_runner_redis_error", error=str(exc))
 
@@ -236,7 +236,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             release = False
             self._retry_at[run_id] = time.monotonic() + self.settings.eval_lease_seconds
             self.log.exception("eval_run_crashed", run_id=run_id)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_OR_OS_ERRORS):
                 crashes = await self.redis.hincrby(self.keys.eval_run(run_id), "crashes", 1)
                 if crashes >= MAX_RUN_CRASHES:
                     await self._fail(run, f"internal error after {crashes} attempts: {type(exc).__name__}: {exc}",
@@ -246,7 +246,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             for job_id in [j for j, r in self._job_runs.items() if r == run_id]:
                 del self._job_runs[job_id]
             if release:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_OR_OS_ERRORS):
                     await asyncio.shield(self.store.release_lease(run_id, self.owner))
 
     async def _fail(self, run: dict[str, str], message: str, code: str, log_tail: list[str] | None = None) -> None:
@@ -389,7 +389,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
 
     async def _abandon(self, run_id: str, key_id: str, job_ids: list[str]) -> None:
         """The run ended while we worked on it (cancelled): stop its jobs and drop its working data."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_OR_OS_ERRORS):
             if await self.store.status(run_id) == RunStatus.CANCELLED:
                 await self._cancel_jobs(job_ids, key_id)
             await self._drop_working_data(run_id)

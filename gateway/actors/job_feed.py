@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from gateway.actors.base import Service
 from gateway.batch.queue import JobEvent, JobQueue
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +51,7 @@ class JobEventFeed(Service):
                     last = await self.queue.latest_event_id()
                     self._gap()
                 events = await self.queue.read_events(last, self.batch, self.block_ms)
-            except (RedisError, OSError) as exc:
+            except REDIS_OR_OS_ERRORS as exc:
                 self.log.warning("job_feed_error", error=str(exc))
                 last = None
                 if await self.pause(self.retry_seconds):

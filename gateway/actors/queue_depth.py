@@ -9,11 +9,10 @@ from __future__ import annotations
 import time
 from collections import Counter as Tally
 
-from redis.exceptions import RedisError
-
 from gateway import metrics
 from gateway.actors.base import Service
 from gateway.batch.queue import JobQueue, QueueDepth
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.settings import Settings
 
 
@@ -47,7 +46,7 @@ class QueueDepthSampler(Service):
         while True:
             try:
                 await self.refresh()
-            except (RedisError, OSError) as exc:
+            except REDIS_OR_OS_ERRORS as exc:
                 # Keep the last table: a gap in Redis is not an empty queue.
                 self.log.warning("queue_depth_refresh_failed", error=str(exc))
             if await self.pause(self.settings.queue_depth_refresh_seconds):

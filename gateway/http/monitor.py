@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.batch.jobs import JobStatus, job_view
 from gateway.errors import ApiError, bad_request
@@ -23,6 +22,7 @@ from gateway.http.appkeys import API_KEY, BATCH_QUEUE, DISPATCHER, EVAL_RUNNER, 
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, parse_limit
 from gateway.keys import Scope
+from gateway.redis_client import REDIS_ERRORS
 from gateway.usage_store import FIELDS as USAGE_FIELDS
 from gateway.usage_store import utc_days
 
@@ -144,7 +144,7 @@ async def recent_errors(app: web.Application, limit: int = 15) -> list[dict[str,
         for e in runtime_history(app) if e["state"] == "failed"]
     try:
         events = await app[BATCH_QUEUE].recent_events(EVENTS_SCAN)
-    except RedisError:
+    except REDIS_ERRORS:
         events = []  # the overview still shows the runtime's side while Redis is down
     for event in events:
         fields = event.fields
@@ -291,7 +291,7 @@ async def overview_data(app: web.Application) -> dict[str, Any]:
     try:
         data["queue"] = await queue_depth(app)
         data["batch"] = await batch_activity(app)
-    except RedisError:
+    except REDIS_ERRORS:
         data["redis"] = "down"
     data["recent_errors"] = await recent_errors(app)
     data["time"] = time.time()

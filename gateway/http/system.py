@@ -6,7 +6,6 @@ import asyncio
 import re
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.errors import bad_request
@@ -14,6 +13,7 @@ from gateway.http.appkeys import ACCOUNTANT, REDIS, SETTINGS, SUPERVISOR, USAGE
 from gateway.http.auth import public, requires_scope
 from gateway.http.errors import json_response
 from gateway.keys import Scope
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 
 _DAY = re.compile(r"^\d{8}$")
 
@@ -28,7 +28,7 @@ async def redis_up(request: web.Request) -> bool:
     """True when Redis answers a PING within a second."""
     try:
         return bool(await asyncio.wait_for(request.app[REDIS].ping(), 1.0))
-    except (RedisError, OSError, TimeoutError):
+    except REDIS_OR_OS_ERRORS + (TimeoutError,):
         return False
 
 

@@ -21,13 +21,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from redis.exceptions import RedisError
 
 from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import public, requires_scope
 from gateway.keys import ApiKey, Scope
 from gateway.openai_batches.files import file_id
 from gateway.openai_batches.records import file_in_use
+from gateway.redis_client import REDIS_ERRORS
 from gateway.uploads import BodyInterrupted, UploadError, UploadStore
 from gateway.uploads.errors import (
     FinalUploadImmutable,
@@ -152,7 +152,7 @@ async def _resource(request: web.Request, method: str) -> web.StreamResponse:
         info = store.lookup(upload_id, key.id)
         try:
             in_use = await file_in_use(request.app[REDIS], request.app[REDIS_KEYS], file_id(info.id), key.id)
-        except RedisError:
+        except REDIS_ERRORS:
             raise StoreUnavailable("Cannot check whether a batch reads this upload: the batch store (Redis) is "
                                    "unreachable right now; retry shortly.", headers={"Retry-After": "5"}) from None
         if in_use:

@@ -24,7 +24,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gateway import metrics, redis_client
 from gateway.actors.base import STOP, Actor
@@ -34,6 +33,7 @@ from gateway.batch.queue import JobEvent, JobQueue
 from gateway.openai_batches.files import PURPOSE_OUTPUT, file_id, make_metadata, purpose_of, upload_id_of
 from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine, check_line, read_lines
 from gateway.openai_batches.records import BatchRecords, BatchStatus
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 from gateway.uploads.errors import UploadError
@@ -144,7 +144,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
                             for batch_id in await self.records.active_ids():
                                 self._start_driver(tg, batch_id)
                             await self._rescan()
-                        except (RedisError, OSError) as exc:  # the next scan tries again
+                        except REDIS_OR_OS_ERRORS as exc:  # the next scan tries again
                             self.log.warning("openai_batch_scan_failed", error=str(exc))
                     for batch_id, at in list(self._retry_at.items()):
                         if at <= now:
@@ -160,7 +160,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
                     elif isinstance(message, _Rescan):
                         try:
                             await self._rescan()
-                        except (RedisError, OSError) as exc:  # the periodic scan tries again
+                        except REDIS_OR_OS_ERRORS as exc:  # the periodic scan tries again
                             self.log.warning("openai_batch_rescan_failed", error=str(exc))
             finally:
                 for task in list(self._drivers.values()):
