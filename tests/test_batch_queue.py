@@ -292,3 +292,15 @@ async def test_concurrent_finishes_share_a_round_trip(make_queue: Callable[..., 
     assert results == [True] * 20
     assert sum(batches) == 20 and len(batches) <= 2  # twenty slots finishing at once: one or two round trips
     assert await queue.redis.zcard(queue.keys.batch_leases) == 0
+
+
+async def test_mark_sent_counts_once_per_claim(make_queue: Callable[..., JobQueue]) -> None:
+    """redis-py resends a call whose reply was lost: a resent mark-sent must not spend a second attempt."""
+    queue = make_queue()
+    await queue.enqueue("k", sub())
+    [held] = await queue.claim(MODEL, 1, "a")
+    assert await queue.mark_sent(held) == 1
+    assert await queue.mark_sent(held) == 1
+    assert await queue.requeue(held, "preempted", count_attempt=False)
+    [again] = await queue.claim(MODEL, 1, "a")
+    assert await queue.mark_sent(again) == 1  # a new claim, a new attempt

@@ -131,13 +131,17 @@ if redis.call('ZCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[4], ARGV[4]) e
 return out
 """
 
-# The holder sends the job to the runtime: that is when an attempt counts. KEYS: job. ARGV: token, now.
+# The holder sends the job to the runtime: that is when an attempt counts, once per claim (a resent call
+# counts nothing more). KEYS: job. ARGV: token, now.
 _MARK_SENT = """
 if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1]
    or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return -1
 end
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+if redis.call('HGET', KEYS[1], 'sent') == ARGV[1] then
+  return tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[2], 'sent', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 """
 
