@@ -25,6 +25,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -151,8 +152,9 @@ class RedisFailure:
     retry_after: int | None
 
 
+# A replica promoted or demoted mid-failover answers READONLY for a moment: also worth a retry.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, MasterDownError, TryAgainError,
-                BusyLoadingError, OSError, asyncio.TimeoutError)
+                BusyLoadingError, ReadOnlyError, OSError, asyncio.TimeoutError)
 # What redis-py's cluster client says when it reaches no node or has no usable slot map.
 _CLUSTER_UNREACHABLE = ("cannot be connected", "reachable node", "failed to initialize", "slots cache")
 

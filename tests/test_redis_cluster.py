@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from redis import exceptions as redis_exceptions
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -219,3 +220,23 @@ async def test_notifications_stay_within_prefix_and_database(client_of: Callable
         assert heard == [b"m/here"]
     finally:
         await pubsub.aclose()
+
+
+@pytest.mark.parametrize(("exc", "status", "needle"), [
+    (RedisConnectionError("Error 111 connecting"), 503, "unreachable"),
+    (redis_exceptions.TimeoutError("Timeout reading"), 503, "unreachable"),
+    (redis_exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"), 503, "unreachable"),
+    (redis_exceptions.ReadOnlyError("READONLY You can't write against a read only replica."), 503, "unreachable"),
+    (redis_exceptions.RedisClusterException("Redis Cluster cannot be connected. Please provide at least one "
+                                            "reachable node: Error 111"), 503, "unreachable"),
+    (redis_exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), 500,
+     "WRONGTYPE"),
+    (redis_exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), 500, "OOM"),
+    (redis_exceptions.ResponseError("Error running script (call to f_x): @user_script:3: bad argument"), 500,
+     "script or command error"),
+    (redis_exceptions.RedisClusterException("EVAL - all keys must map to the same key slot"), 500, "CROSSSLOT"),
+])
+def test_classify_tells_unreachable_from_answered_errors(exc: Exception, status: int, needle: str) -> None:
+    failure = classify(exc)
+    assert failure.status == status and needle in failure.message
+    assert (failure.code, failure.retry_after) == (("redis_unavailable", 5) if status == 503 else ("redis_error", None))
