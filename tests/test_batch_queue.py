@@ -304,3 +304,16 @@ async def test_mark_sent_counts_once_per_claim(make_queue: Callable[..., JobQueu
     assert await queue.requeue(held, "preempted", count_attempt=False)
     [again] = await queue.claim(MODEL, 1, "a")
     assert await queue.mark_sent(again) == 1  # a new claim, a new attempt
+
+
+async def test_a_resent_retry_update_counts_once(make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue()
+    job_id = (await queue.enqueue("k", sub()))["id"]
+    [held] = await queue.claim(MODEL, 1, "a")
+    await queue.mark_sent(held)
+    seen = held.attempt
+    assert await queue.update(held, {"error": "attempt 1: boom"}, attempt_delta=1, event="retried") == 2
+    held.fields["attempt"] = str(seen)  # what the caller knew when the lost call was sent
+    assert await queue.update(held, {"error": "attempt 1: boom"}, attempt_delta=1, event="retried") == 2
+    events = [e[b"event"] for _, e in await queue.redis.xrange(queue.keys.job_events) if e[b"job_id"] == job_id.encode()]
+    assert events.count(b"retried") == 1

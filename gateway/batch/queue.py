@@ -147,16 +147,20 @@ return redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 
 # Change a running job only if the caller still holds it (fencing by claim token), with its event if any.
 # KEYS: job, events. ARGV: token, now, ttl (0 = none), attempt delta, event ('' = none), reason, maxlen,
-# then field, value, ...
+# the attempt the caller saw, then field, value, ... A change of the attempt applies only from the attempt
+# the caller saw: a resent call (its reply was lost) changes nothing more.
 _UPDATE = _EMIT + """
 if ARGV[1] == '' or redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1]
    or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
   return -1
 end
 local a = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-if tonumber(ARGV[4]) ~= 0 then a = redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[4]) end
+if tonumber(ARGV[4]) ~= 0 then
+  if a ~= tonumber(ARGV[8]) then return a end
+  a = redis.call('HINCRBY', KEYS[1], 'attempt', ARGV[4])
+end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
-if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
 if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 if ARGV[5] ~= '' then emit(KEYS[2], ARGV[7], KEYS[1], ARGV[5], ARGV[2], nil, 'reason', ARGV[6]) end
 return a
@@ -733,7 +737,7 @@ class JobQueue:
         """Change a running job we hold, with its `event` (if any) in the same step; the new attempt
         number, or None if we no longer hold it."""
         args: builtins.list[Any] = [job.token, repr(time.time()), self.settings.batch_job_ttl_seconds if final else 0,
-                           attempt_delta, event, reason, self.settings.job_stream_maxlen or 0]
+                                    attempt_delta, event, reason, self.settings.job_stream_maxlen or 0, job.attempt]
         for k, v in fields.items():
             args.extend((k, v))
         result = await self._update(keys=[self.keys.job(job.id), self.keys.job_events], args=args)
