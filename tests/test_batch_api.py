@@ -53,7 +53,8 @@ async def test_seed_curl_flow_completes(gateway: Any, test_redis: RedisBackend) 
     try:
         raw = await r.hgetall(f"{settings.redis_prefix}{{batch}}:job:{created['id']}")
         assert raw[b"status"] == b"completed" and raw[b"key_id"] == KEY_IDS["batch"].encode()
-        assert 0 < await r.ttl(f"{settings.redis_prefix}{{batch}}:job:{created['id']}") <= settings.batch_job_ttl_seconds
+        ttl = await r.ttl(f"{settings.redis_prefix}{{batch}}:job:{created['id']}")
+        assert 0 < ttl <= settings.batch_job_ttl_seconds
         events = await r.xrange(f"{settings.redis_prefix}{{batch}}:job_events")
         mine = [e for _, e in events if e[b"job_id"] == created["id"].encode()]
         assert [e[b"event"] for e in mine] == [b"enqueued", b"started", b"completed"]

@@ -315,5 +315,6 @@ async def test_a_resent_retry_update_counts_once(make_queue: Callable[..., JobQu
     assert await queue.update(held, {"error": "attempt 1: boom"}, attempt_delta=1, event="retried") == 2
     held.fields["attempt"] = str(seen)  # what the caller knew when the lost call was sent
     assert await queue.update(held, {"error": "attempt 1: boom"}, attempt_delta=1, event="retried") == 2
-    events = [e[b"event"] for _, e in await queue.redis.xrange(queue.keys.job_events) if e[b"job_id"] == job_id.encode()]
+    events = [e[b"event"] for _, e in await queue.redis.xrange(queue.keys.job_events)
+              if e[b"job_id"] == job_id.encode()]
     assert events.count(b"retried") == 1

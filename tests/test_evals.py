@@ -165,7 +165,8 @@ async def test_each_eval_end_to_end(gateway: Any, sim_url: str, eval_name: str, 
 
 
 @pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
-async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: Any, redis_prefix: str, test_redis: RedisBackend) -> None:
+async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: Any, redis_prefix: str,
+                                                                    test_redis: RedisBackend) -> None:
     view = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 3}})
     assert (await wait_run(gateway, view["id"]))["status"] == "completed"
@@ -300,7 +301,8 @@ async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_setti
         assert len(job_ids) == 3
         assert all(rclient.hget(f"{redis_prefix}{{batch}}:job:{j}", "status") == b"cancelled" for j in job_ids)
         await eventually(lambda: not client.app[EVAL_RUNNER].working_on())
-        assert len(rclient.zrange(f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}", 0, -1)) == 3  # nothing more sent
+        index = f"{redis_prefix}{{batch}}:job_index:{KEY_IDS['eval']}"
+        assert len(rclient.zrange(index, 0, -1)) == 3  # nothing more sent
         assert not rclient.exists(f"{redis_prefix}{{evals}}:eval_run:{view['id']}:jobs")
     finally:
         rclient.close()

@@ -190,7 +190,8 @@ async def test_unusable_file_fails_the_batch(aiohttp_client: Any, make_settings:
 
 
 @pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
-async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim: str, test_redis: RedisBackend) -> None:
+async def test_cancel_mid_way(aiohttp_client: Any, make_settings: Any, slow_sim: str,
+                              test_redis: RedisBackend) -> None:
     client = await aiohttp_client(create_app(make_settings(runtime_url=slow_sim, max_concurrent_batch=2)))
     await wait_ready(client.app)
     api = sdk(client)
@@ -459,7 +460,8 @@ async def test_job_cancelled_on_its_own_counts_as_failed(aiohttp_client: Any, ma
 
 
 @pytest.mark.usefixtures("redis_backend")  # on one Redis and on a Redis Cluster
-async def test_resume_enqueue_after_the_last_committed_chunk(aiohttp_client: Any, make_settings: Any, test_redis: RedisBackend) -> None:
+async def test_resume_enqueue_after_the_last_committed_chunk(aiohttp_client: Any, make_settings: Any,
+                                                            test_redis: RedisBackend) -> None:
     """The state a crash between two enqueue transactions leaves: the next gateway continues at the cursor."""
     n = 60
     rows: list[Any] = [line(f"q{i}") for i in range(n)]
