@@ -28,6 +28,11 @@ def text(value: bytes | str | int | float) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def as_bytes(value: bytes | str) -> bytes:
+    """A reply value as bytes (a client with decode_responses gives text)."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
 def opt_text(value: bytes | str | int | float | None) -> str | None:
     """A reply value as text, keeping a missing value (``None``) missing."""
     return None if value is None else text(value)
