@@ -14,7 +14,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Never
 
 import aiohttp
 import orjson
@@ -74,7 +75,7 @@ class _Running:
     sending: bool = False  # holds a slot (False: claimed ahead, waiting for one)
 
 
-class BatchDispatcher(Actor):
+class BatchDispatcher(Actor[Never]):
     """Pulls jobs from the shared Redis queue and runs at most MAX_CONCURRENT_BATCH of them at a time."""
 
     name = "batch_dispatcher"
@@ -172,7 +173,7 @@ class BatchDispatcher(Actor):
                     control.cancel()
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _schedule_loop(self) -> None:
         while not self.stopping:
@@ -184,8 +185,8 @@ class BatchDispatcher(Actor):
             except RedisError as exc:
                 self.log.warning("batch_redis_error", error=str(exc))
                 timeout = 1.0
-            if self.stopping:
-                return
+            if self.stopping:  # set by stop() while _schedule() awaited
+                return  # type: ignore[unreachable]
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -491,7 +492,7 @@ class BatchDispatcher(Actor):
             running = _Running(job)
             self.inflight[job.id] = running
             running.task = asyncio.create_task(self._run_job(running), name=f"batch:{job.id}")
-            running.task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))
+            running.task.add_done_callback(partial(self._job_done, job.id))
             metrics.BATCH_JOBS.labels("started").inc()
             if job.id in self._cancel_seen:
                 self._cancel_seen.discard(job.id)
