@@ -36,7 +36,7 @@ from aiohttp import web
 try:
     from gateway import sim_engine
 except ImportError:  # pragma: no cover - the Docker image runs /app/simulator.py beside sim_engine.py
-    import sim_engine  # type: ignore[no-redef]
+    import sim_engine  # type: ignore[no-redef, import-not-found]
 
 try:  # orjson is much faster, but the Docker image has only the standard library.
     import orjson  # type: ignore[import-not-found,unused-ignore]
@@ -1038,7 +1038,7 @@ class Simulator:
             except ValueError as exc:
                 raise RequestError(
                     "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', 'msg': 'JSON decode "
-                    f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{exc.msg}'}}}}",
+                    f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{getattr(exc, 'msg', exc)}'}}}}",
                     err_type="Bad Request", param="body.0") from None
             req = parse_request(body, chat)
             if req.model and req.model not in self.served:
