@@ -36,6 +36,7 @@ from gateway.batch.coserve import (
 )
 from gateway.batch.jobs import PRIORITY_MAX, JobStatus
 from gateway.batch.queue import HeldJob, JobQueue, instance_id
+from gateway.redis_codec import text
 from gateway.settings import RuntimeBackend, Settings
 
 if TYPE_CHECKING:
@@ -757,7 +758,7 @@ class BatchDispatcher(Actor[Never]):
             if message is None:
                 continue
             if message.get("channel") == cancel_channel:
-                job_id = message["data"].decode()
+                job_id = text(message["data"])
                 running = self.inflight.get(job_id)
                 if running is None:
                     # The job may be between its claim and its task here; a few ids are kept for that.

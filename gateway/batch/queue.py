@@ -419,7 +419,7 @@ class JobQueue:
                     continue
                 done.append(job_id)
                 if result[1] == JobStatus.QUEUED.value.encode():
-                    after.zrem(self.keys.batch_ready(result[2].decode()), job_id)
+                    after.zrem(self.keys.batch_ready(text(result[2])), job_id)
                 else:
                     after.publish(self.keys.batch_cancel, job_id)
                 after.hgetall(self.keys.job(job_id))
@@ -573,7 +573,7 @@ class JobQueue:
                                 args=[n, deadline, owner, model])
         if not raw:
             return []
-        claimed = [(raw[i].decode(), raw[i + 1].decode(), float(raw[i + 2])) for i in range(0, len(raw), 3)]
+        claimed = [(text(raw[i]), text(raw[i + 1]), float(raw[i + 2])) for i in range(0, len(raw), 3)]
         now = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
         for job_id, token, _ in claimed:
@@ -584,7 +584,7 @@ class JobQueue:
         held: list[HeldJob] = []
         settle = self.redis.pipeline(transaction=False)
         for (job_id, token, score), result in zip(claimed, results, strict=True):
-            outcome = result[0].decode()
+            outcome = text(result[0])
             if outcome == "running":
                 job = HeldJob(job_id, token, score, _pairs(result[1]))
                 held.append(job)

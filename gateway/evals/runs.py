@@ -300,7 +300,7 @@ class RunStore:
         for k, v in {**fields, "updated_at": repr(time.time())}.items():
             args.extend((k, v))
         result = await self._update(keys=[self.keys.eval_run(run_id)], args=args)
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return text(result)
 
     async def finish(self, run_id: str, status: RunStatus, fields: Mapping[str, str]) -> bool:
         """Move a run to a final status (False when it already was final) and drop its working data."""

@@ -547,17 +547,17 @@ class BatchManager(Actor[_Drive | _Rescan]):
             if status == b"completed":
                 continue
             custom_id = orjson.loads(meta).get("custom_id") if meta else None
-            message = error.decode() if error else ""
+            message = text(error) if error else ""
             if status == b"failed" and runtime_status and code == b"runtime_4xx":
                 line: dict[str, Any] = {
                     "id": job_id, "custom_id": custom_id,
                     "response": {"status_code": int(runtime_status), "request_id": job_id,
-                                 "body": {"error": {"message": message, "type": (etype or b"").decode() or None,
+                                 "body": {"error": {"message": message, "type": text(etype or b"") or None,
                                                     "code": None, "param": None}}},
                     "error": None}
             elif status == b"failed":
                 line = {"id": job_id, "custom_id": custom_id, "response": None,
-                        "error": {"code": (code or b"").decode() or "batch_job_failed", "message": message}}
+                        "error": {"code": text(code or b"") or "batch_job_failed", "message": message}}
             elif status is None:
                 line = {"id": job_id, "custom_id": custom_id, "response": None,
                         "error": {"code": "result_expired", "message": "The job's record expired "

@@ -120,7 +120,7 @@ class BatchRecords:
         for k, v in fields.items():
             args.extend((k, v))
         result = await self._transition(keys=[self.keys.openai_batch(batch_id)], args=args)
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return text(result)
 
     async def set(self, batch_id: str, fields: dict[str, str]) -> None:
         """Update fields that are not the status (counters, cursor)."""
