@@ -132,6 +132,11 @@ class BatchDispatcher(Actor[Never]):
         self._account()
         return self._busy_seconds
 
+    @property
+    def batch_runtime(self) -> RuntimeSupervisor | None:
+        """The runtime started for a batch group beside the sleeping realtime one (sleep mode), else None."""
+        return self._batch_runtime
+
     def status(self) -> DispatcherStatus:
         """A snapshot of the jobs held here and the current group (never awaits)."""
         return DispatcherStatus(frozenset(self.inflight), self.active, self.group, self.slots, self.limit,
