@@ -83,8 +83,11 @@ class BatchDispatcher(Actor[Never]):
 
     def __init__(self, settings: Settings, queue: JobQueue, supervisor: RuntimeSupervisor,
                  activity: RealtimeActivity, upstream: aiohttp.ClientSession,
-                 accountant: UsageAccountant | None = None) -> None:
+                 accountant: UsageAccountant | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self.clock = clock
+        """Monotonic seconds for scheduling decisions: idle windows, residency (injectable for unit tests)."""
         self.settings = settings
         self.queue = queue
         self.supervisor = supervisor
@@ -197,6 +200,13 @@ class BatchDispatcher(Actor[Never]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def step(self) -> float:
+        """One scheduling decision (what the loop does each time it wakes): claim, swap, or leave a group.
+
+        Returns how long the loop waits for a wake-up before the next step. Unit tests drive it directly.
+        """
+        return await self._schedule()
+
     async def _schedule(self) -> float:
         """One scheduling step; returns how long to wait for a wake-up before the next one."""
         if self.group is not None:
@@ -214,7 +224,7 @@ class BatchDispatcher(Actor[Never]):
             return 0
         if snap.ready and snap.model == realtime and self.activity.wanted.is_set():
             self.activity.wanted.clear()
-        now = time.monotonic()
+        now = self.clock()
         if self._draining_for is None and now >= self._next_swap_check:
             self._next_swap_check = now + min(0.5, self.settings.batch_poll_interval)
             self._draining_for = await self._pick_group()
@@ -266,7 +276,7 @@ class BatchDispatcher(Actor[Never]):
         """
         if self.activity.last_request_at <= self._realtime_since:
             return 0.0
-        return max(0.0, self._realtime_since + self.settings.realtime_min_residency_seconds - time.monotonic())
+        return max(0.0, self._realtime_since + self.settings.realtime_min_residency_seconds - self.clock())
 
     # --- why queued jobs wait (published to Redis for the job API, the dashboard and the CLI)
     def waiting_reason(self, model: str, heads: dict[str, float]) -> dict[str, Any]:
@@ -276,7 +286,7 @@ class BatchDispatcher(Actor[Never]):
         """
         settings = self.settings
         realtime = settings.realtime_model
-        now, mono = time.time(), time.monotonic()
+        now, mono = time.time(), self.clock()
 
         def reason(code: str, message: str, in_seconds: float | None = None) -> dict[str, Any]:
             until = round(now + in_seconds, 3) if in_seconds is not None else None
@@ -328,7 +338,7 @@ class BatchDispatcher(Actor[Never]):
             await self.queue.set_waiting_reasons(self.owner, {m: self.waiting_reason(m, heads) for m in heads})
 
     async def _schedule_group(self, model: str) -> float:
-        now = time.monotonic()
+        now = self.clock()
         if self.activity.wanted.is_set() or self.stopping:
             if self._grace_deadline is None:
                 self._grace_deadline = now + self.settings.swap_grace_seconds
@@ -370,7 +380,7 @@ class BatchDispatcher(Actor[Never]):
     # --- swaps
     def _enter_group_state(self, model: str) -> None:
         self.group = model
-        self._group_started = time.monotonic()
+        self._group_started = self.clock()
         self._grace_deadline = None
         self._draining_for = None
 
@@ -465,7 +475,7 @@ class BatchDispatcher(Actor[Never]):
             # activity so the idle clock does not send the runtime straight back to the batch model.
             self.activity.want_realtime()
         self.activity.wanted.clear()
-        self._realtime_since = time.monotonic()
+        self._realtime_since = self.clock()
 
     def _record_swap(self, reason: str, model: str, started: float, error: str | None) -> None:
         seconds = time.monotonic() - started
@@ -694,14 +704,14 @@ class BatchDispatcher(Actor[Never]):
 
     async def _crash_after(self, model: str, before: RuntimeSnapshot, wait: float) -> str | None:
         """The crash log if the runtime crashed since `before` (waits briefly for the supervisor to see it)."""
-        deadline = time.monotonic() + wait
+        deadline = self.clock() + wait
         supervisor = self._supervisor_for(model)
         while True:
             snap = supervisor.snapshot
             crash_log = _crash_between(before, snap)
-            if crash_log is not None or time.monotonic() >= deadline:
+            if crash_log is not None or self.clock() >= deadline:
                 return crash_log
-            await supervisor.wait_changed(max(0.01, deadline - time.monotonic()), since=snap)
+            await supervisor.wait_changed(max(0.01, deadline - self.clock()), since=snap)
 
     def _usage(self, job: HeldJob, ok: bool, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         if self.accountant is not None:
