@@ -24,23 +24,11 @@ from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeUnav
 from gateway.batch.queue import HeldJob
 from gateway.flavours import flavour_for
 from gateway.settings import Settings
+from tests.polling import ManualClock
 
 REALTIME = "org/realtime"
 OTHER = "org/other"
 THIRD = "org/third"
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the test (or a fake waiting on them) says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeBackend:
@@ -51,7 +39,7 @@ class FakeBackend:
 class FakeRuntime:
     """Stands in for the RuntimeSupervisor: a snapshot the dispatcher reads, and model changes it asks for."""
 
-    def __init__(self, settings: Settings, clock: FakeClock, base_url: str = "http://127.0.0.1:9") -> None:
+    def __init__(self, settings: Settings, clock: ManualClock, base_url: str = "http://127.0.0.1:9") -> None:
         self.settings = settings
         self.clock = clock
         self.backend = FakeBackend()
@@ -148,7 +136,7 @@ class Rig:
     """A dispatcher wired to fakes that share one clock."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, base_url: str = "http://127.0.0.1:9"):
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.runtime = FakeRuntime(settings, self.clock, base_url)
         self.queue = FakeQueue()
         self.activity = RealtimeActivity(clock=self.clock)

@@ -20,20 +20,10 @@ from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupe
 from gateway.backends.base import BackendError, ExitInfo, RuntimeBackend
 from gateway.settings import Settings
 from tests.conftest import eventually
+from tests.polling import ManualClock
 
 MODEL = "org/realtime"
 BACKOFF = 0.02  # the first retry delay (seconds on the fake clock; the loop's real wait is as long)
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeBackend(RuntimeBackend):
@@ -109,7 +99,7 @@ async def backend() -> AsyncIterator[FakeBackend]:
 async def make(tmp_path: Path, backend: FakeBackend) -> AsyncIterator[Callable[..., RuntimeSupervisor]]:
     made: list[RuntimeSupervisor] = []
 
-    def build(clock: FakeClock, **overrides: Any) -> RuntimeSupervisor:
+    def build(clock: ManualClock, **overrides: Any) -> RuntimeSupervisor:
         values: dict[str, Any] = {"realtime_model": MODEL, "runtime_backend": "process",
                                   "runtime_failure_dir": str(tmp_path / "crashes"), "runtime_start_timeout": 10,
                                   "runtime_stop_timeout": 1, "runtime_restart_backoff_max": 0.16}
@@ -131,7 +121,7 @@ async def state(sup: RuntimeSupervisor, wanted: RuntimeState, timeout: float = 5
     return snap
 
 
-async def crash_and_check_backoff(sup: RuntimeSupervisor, backend: FakeBackend, clock: FakeClock,
+async def crash_and_check_backoff(sup: RuntimeSupervisor, backend: FakeBackend, clock: ManualClock,
                                   delay: float) -> RuntimeSnapshot:
     """Crash the runtime; it must stay down for exactly `delay` on the supervisor's clock, then come back."""
     starts = backend.starts
@@ -152,7 +142,7 @@ async def crash_and_check_backoff(sup: RuntimeSupervisor, backend: FakeBackend, 
 
 async def test_start_adopts_nothing_then_starts_and_becomes_ready(make: Callable[..., RuntimeSupervisor],
                                                                   backend: FakeBackend) -> None:
-    sup = make(FakeClock())
+    sup = make(ManualClock())
     await sup.start()
     ready = await state(sup, RuntimeState.READY)
     assert ready.model == MODEL and ready.base_url == backend.url and ready.restarts == 0
@@ -162,7 +152,7 @@ async def test_start_adopts_nothing_then_starts_and_becomes_ready(make: Callable
 
 async def test_crashes_restart_with_exponential_backoff_up_to_the_cap(make: Callable[..., RuntimeSupervisor],
                                                                       backend: FakeBackend) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     sup = make(clock)
     await sup.start()
     await state(sup, RuntimeState.READY)
@@ -177,7 +167,7 @@ async def test_crashes_restart_with_exponential_backoff_up_to_the_cap(make: Call
 
 async def test_a_long_healthy_run_resets_the_backoff(make: Callable[..., RuntimeSupervisor],
                                                      backend: FakeBackend) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     sup = make(clock)
     await sup.start()
     await state(sup, RuntimeState.READY)
@@ -189,7 +179,7 @@ async def test_a_long_healthy_run_resets_the_backoff(make: Callable[..., Runtime
 
 async def test_a_failed_start_is_retried_after_the_backoff(make: Callable[..., RuntimeSupervisor],
                                                            backend: FakeBackend) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     backend.refuse_starts = 2
     sup = make(clock)
     await sup.start()
@@ -207,7 +197,7 @@ async def test_a_failed_start_is_retried_after_the_backoff(make: Callable[..., R
 
 async def test_stop_stops_the_runtime_and_a_crash_after_stop_is_not_restarted(
         make: Callable[..., RuntimeSupervisor], backend: FakeBackend) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     sup = make(clock)
     await sup.start()
     await state(sup, RuntimeState.READY)
