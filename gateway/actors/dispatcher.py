@@ -547,8 +547,10 @@ class BatchDispatcher(Actor[Never]):
             raise
         except Exception as exc:
             self.log.exception("batch_job_error", job_id=job.id)
-            with contextlib.suppress(Exception):
+            try:
                 await self.queue.requeue(job, f"internal_error: {exc}", count_attempt=True)
+            except Exception as requeue_exc:  # the lease runs out and the reaper repairs it
+                self.log.warning("batch_requeue_failed", job_id=job.id, error=str(requeue_exc))
 
     @contextlib.asynccontextmanager
     async def _slot(self, running: _Running) -> AsyncIterator[Callable[[], None]]:
