@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from redis.asyncio import Redis
 
 from gateway import redis_client
+from gateway.redis_codec import text as _text
 from gateway.redis_keys import RedisKeys
 
 FIELDS = ("requests", "successes", "errors", "prompt_tokens", "completion_tokens")
@@ -89,9 +90,6 @@ def _by_day(days: Mapping[str, list[UsageDelta]]) -> dict[str, list[str]]:
             out.setdefault(delta.day, []).append(key_id)
     return out
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _counts(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:

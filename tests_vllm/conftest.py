@@ -134,7 +134,7 @@ class Gateway:
     async def usage(self, role: str) -> dict[str, int]:
         """The all-time usage hash of a test key, once the accountant has flushed."""
         await eventually(lambda: self.app[ACCOUNTANT].buffered == 0, timeout=10)
-        raw = await self.app[REDIS].hgetall(f"{self.settings.redis_prefix}key_usage:{KEY_IDS[role]}")
+        raw = await self.app[REDIS].hgetall(self.app[REDIS_KEYS].key_usage(KEY_IDS[role]))
         return {k.decode(): int(float(v)) for k, v in raw.items() if k != b"last_used_at"}
 
     async def job_events(self) -> list[dict[str, str]]:

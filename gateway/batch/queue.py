@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from gateway import metrics, redis_client
 from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN, JobStatus, Submission, decode_hash, new_job_id
+from gateway.redis_codec import stream_entries, text, texts, xread_entries
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -363,10 +364,6 @@ def priority_from_entry(job_id: str, score: float, aging_seconds: float) -> str 
     return str(priority)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass(slots=True)
 class ListPage:
     """One page of a key's jobs, newest first."""
@@ -379,7 +376,7 @@ def _pairs(values: Sequence[Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i in range(0, len(values) - 1, 2):
         k, v = values[i], values[i + 1]
-        out[k.decode() if isinstance(k, bytes) else str(k)] = v.decode() if isinstance(v, bytes) else str(v)
+        out[text(k)] = text(v)
     return out
 
 
@@ -466,7 +463,7 @@ class JobQueue:
         if key_id is not None:
             owners = [key_id]
         else:
-            owners = sorted(_text(k) for k in await self.redis.smembers(self.keys.job_owners))
+            owners = sorted(text(k) for k in await self.redis.smembers(self.keys.job_owners))
         indexes = [self.keys.job_index(owner) for owner in owners]
         upper = f"({after}" if after else "+"
         found: list[dict[str, str]] = []
@@ -480,7 +477,7 @@ class JobQueue:
             source: dict[str, str] = {}
             for index, ids in zip(indexes, await pipe.execute(), strict=True):
                 for raw_id in ids:
-                    source[_text(raw_id)] = index
+                    source[text(raw_id)] = index
             candidates = sorted(source, reverse=True)[:batch]
             if not candidates:
                 return ListPage(found, None)
@@ -494,7 +491,7 @@ class JobQueue:
                 if row[0] is None:
                     gone.setdefault(source[job_id], []).append(job_id)  # expired after its TTL
                     continue
-                job = {f: _text(v) for f, v in zip(LISTED_FIELDS, row, strict=True) if v is not None}
+                job = {f: text(v) for f, v in zip(LISTED_FIELDS, row, strict=True) if v is not None}
                 if (status is None or job.get("status") == status) and (model is None or job.get("model") == model):
                     found.append(job)
                     if len(found) == limit:
@@ -516,14 +513,14 @@ class JobQueue:
         more = any(await pipe.execute())
         return ListPage(found, last_seen if more else None)
 
-    async def owners(self) -> list[str]:
+    async def owners(self) -> builtins.list[str]:
         """Key ids that have submitted jobs (from the owners index, never a SCAN)."""
-        return sorted(_text(k) for k in await self.redis.smembers(self.keys.job_owners))
+        return sorted(texts(await self.redis.smembers(self.keys.job_owners)))
 
     async def cancel(self, job_id: str, key_id: str) -> tuple[str, dict[str, str] | None]:
         """Cancel a queued or running job: ('cancelled', job), ('already:<status>', job) or ('missing', None)."""
         (result,) = await redis_client.run_scripts(self.redis, [self._cancel_call(job_id, key_id, repr(time.time()))])
-        outcome = _text(result[0])
+        outcome = text(result[0])
         if outcome == "missing":
             return outcome, None
         if outcome == "done":
@@ -577,7 +574,7 @@ class JobQueue:
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
             results = await redis_client.run_scripts(self.redis, [self._cancel_call(j, key_id, now) for j in chunk])
-            done = sum(1 for result in results if _text(result[0]) == "done")
+            done = sum(1 for result in results if text(result[0]) == "done")
             cancelled += done
             metrics.BATCH_JOBS.labels("cancelled").inc(done)
         return cancelled
@@ -591,7 +588,7 @@ class JobQueue:
             keys=[self.keys.job(job_id), self.keys.job_events, self.keys.batch_models],
             args=[repr(time.time()), reason, self.keys.batch_ready(""), self.keys.batch_notify,
                   self.settings.job_stream_maxlen or 0, job_id])
-        outcome = _text(result[0])
+        outcome = text(result[0])
         if outcome == "requeued":
             metrics.BATCH_JOBS.labels("requeued").inc()
         return outcome
@@ -599,7 +596,7 @@ class JobQueue:
     # --- dispatcher side
     async def ready_heads(self) -> dict[str, float]:
         """Model -> score of its most urgent queued job, for every model with queued work."""
-        models = [m.decode() for m in await self.redis.smembers(self.keys.batch_models)]
+        models = texts(await self.redis.smembers(self.keys.batch_models))
         if not models:
             return {}
         pipe = self.redis.pipeline(transaction=False)
@@ -613,7 +610,7 @@ class JobQueue:
 
     async def queued_count(self) -> int:
         """Jobs queued over all models."""
-        models = [m.decode() for m in await self.redis.smembers(self.keys.batch_models)]
+        models = texts(await self.redis.smembers(self.keys.batch_models))
         if not models:
             return 0
         pipe = self.redis.pipeline(transaction=False)
@@ -627,7 +624,7 @@ class JobQueue:
         A queued job's priority is read from its ready-set entry (see `priority_from_entry`), so this is
         one ZCARD and one ZRANGE per model, never a read per job.
         """
-        models = sorted(_text(m) for m in await self.redis.smembers(self.keys.batch_models))
+        models = sorted(text(m) for m in await self.redis.smembers(self.keys.batch_models))
         pipe = self.redis.pipeline(transaction=False)
         for model in models:
             pipe.zcard(self.keys.batch_ready(model))
@@ -643,7 +640,7 @@ class JobQueue:
             by_model[model] = count
             tally: dict[str, int] = {}
             for raw_id, score in head:
-                p = priority_from_entry(_text(raw_id), float(score), aging) or "unknown"
+                p = priority_from_entry(text(raw_id), float(score), aging) or "unknown"
                 tally[p] = tally.get(p, 0) + 1
             if count > len(head):  # past the sampled head, or enqueued between the two reads
                 tally["unknown"] = tally.get("unknown", 0) + count - len(head)
@@ -684,28 +681,26 @@ class JobQueue:
         """Jobs leased by any gateway right now."""
         return int(await self.redis.zcard(self.keys.batch_leases))
 
-    async def recent_events(self, count: int) -> list[JobEvent]:
+    async def recent_events(self, count: int) -> builtins.list[JobEvent]:
         """The newest `count` entries of the job event stream, newest first."""
         entries = await self.redis.xrevrange(self.keys.job_events, count=count)
-        return [JobEvent(_text(entry_id), {_text(k): _text(v) for k, v in raw.items()})
-                for entry_id, raw in entries or []]
+        return [JobEvent(entry_id, fields) for entry_id, fields in stream_entries(entries)]
 
     async def latest_event_id(self) -> str:
         """The id of the newest event ("0-0" when the stream is empty): where a new follower starts."""
         newest = await self.redis.xrevrange(self.keys.job_events, count=1)
-        return _text(newest[0][0]) if newest else "0-0"
+        return stream_entries(newest)[0][0] if newest else "0-0"
 
-    async def read_events(self, after: str, count: int, block_ms: int) -> list[JobEvent]:
+    async def read_events(self, after: str, count: int, block_ms: int) -> builtins.list[JobEvent]:
         """Events after id `after`, oldest first, waiting up to `block_ms` for the first one."""
         reply = await self.redis.xread({self.keys.job_events: after}, count=count, block=block_ms)
-        return [JobEvent(_text(entry_id), {_text(k): _text(v) for k, v in raw.items()})
-                for _, entries in reply or () for entry_id, raw in entries]
+        return [JobEvent(entry_id, fields) for entry_id, fields in xread_entries(reply)]
 
-    async def events_of(self, job_id: str, scan: int) -> list[JobEvent]:
+    async def events_of(self, job_id: str, scan: int) -> builtins.list[JobEvent]:
         """This job's entries among the newest `scan` events of the stream, oldest first."""
         return [e for e in reversed(await self.recent_events(scan)) if e.fields.get("job_id") == job_id]
 
-    async def claim(self, model: str, n: int, owner: str) -> list[HeldJob]:
+    async def claim(self, model: str, n: int, owner: str) -> builtins.list[HeldJob]:
         """Lease up to n queued jobs of `model` and mark them running, in one script; jobs out of attempts
         are failed there. A claimed job costs no attempt until `mark_sent`."""
         raw = await self._claim(keys=[self.keys.batch_ready(model), self.keys.batch_leases,
@@ -719,7 +714,7 @@ class JobQueue:
             if not token:
                 metrics.BATCH_JOBS.labels("failed").inc()  # gave up: out of attempts
                 continue
-            held.append(HeldJob(_text(job_id), _text(token), float(score), _pairs(fields)))
+            held.append(HeldJob(text(job_id), text(token), float(score), _pairs(fields)))
         return held
 
     async def mark_sent(self, job: HeldJob) -> int | None:
@@ -835,7 +830,7 @@ class JobQueue:
         if len(args) == 1:
             return set()
         lost = await self._renew(keys=[self.keys.batch_leases, self.keys.batch_lease_tokens], args=args)
-        return {x.decode() for x in lost}
+        return set(texts(lost))
 
     async def reap(self, limit: int = 200) -> int:
         """Take back jobs whose holder stopped renewing its lease (one script each); how many were requeued."""
@@ -844,7 +839,7 @@ class JobQueue:
         expired = await self.redis.zrangebyscore(self.keys.batch_leases, "-inf", now_ms, start=0, num=limit)
         if not expired:
             return 0
-        ids = [_text(x) for x in expired if isinstance(x, (bytes, str))]
+        ids = texts(cast("list[bytes | str]", expired))  # members only: no WITHSCORES
         calls: builtins.list[redis_client.ScriptCall] = [
             (self._reap, [self.keys.batch_leases, self.keys.batch_lease_tokens, self.keys.job_events,
                           self.keys.batch_models],
