@@ -316,6 +316,11 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                 prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
             except orjson.JSONDecodeError:
                 pass
+        elif upstream.status == 404 and _route_missing(payload):
+            raise ApiError(404, f"The {settings.runtime_type} runtime does not serve {path} for the model "
+                           f"'{settings.realtime_model}' (vLLM serves embeddings, pooling, score and rerank only "
+                           "for a pooling model, and generation only for a generating one).",
+                           code="endpoint_not_supported")
         else:
             payload = openai_error_payload(upstream.status, payload)
         return web.Response(status=upstream.status, body=payload,
@@ -350,6 +355,14 @@ def openai_error_payload(status: int, payload: bytes) -> bytes:
     param = obj.get("param") if isinstance(obj, dict) and isinstance(obj.get("param"), str) else None
     kind = obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else "invalid_request_error"
     return error_body(message, type=kind, code=str(status), param=param)
+
+
+def _route_missing(payload: bytes) -> bool:
+    """A runtime's 404 for a route it does not have (FastAPI's), not one for a missing model."""
+    try:
+        return bool(orjson.loads(payload) == {"detail": "Not Found"})
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _upstream_message(payload: bytes) -> str:
