@@ -92,7 +92,8 @@ def vllm_command() -> str:
 def check_prerequisites() -> None:
     """Fail (never skip) with what to run when the vLLM venv or the models are missing."""
     missing = [str(p) for p in (VLLM_VENV / "bin" / "python", Path(REALTIME_MODEL) / "config.json",
-                                Path(OTHER_MODEL) / "config.json") if not p.exists()]
+                                Path(OTHER_MODEL) / "config.json", MODELS_DIR / "tiny-llama-embed" / "config.json")
+               if not p.exists()]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run `make test-vllm` (it builds the vLLM venv and the "
                     "tiny models before running these tests)", pytrace=False)
