@@ -48,7 +48,9 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REALTIME_MODEL = str(MODELS_DIR / "tiny-llama-a")
 OTHER_MODEL = str(MODELS_DIR / "tiny-llama-b")
 MAX_MODEL_LEN = 1024
-RUNTIME_ARGS = f"--max-model-len {MAX_MODEL_LEN} --dtype float32 --enforce-eager"
+# Auto tool choice with the hermes parser: vLLM 0.32 refuses a named tool_choice without a --tool-call-parser.
+RUNTIME_ARGS = (f"--max-model-len {MAX_MODEL_LEN} --dtype float32 --enforce-eager "
+                "--enable-auto-tool-choice --tool-call-parser hermes")
 # VLLM_SERVER_DEV_MODE=1 exposes /sleep, /wake_up and /is_sleeping (--enable-sleep-mode refuses to start
 # on the CPU); the rest keeps vLLM offline and small.
 RUNTIME_ENV = ("VLLM_CPU_KVCACHE_SPACE=1 VLLM_SERVER_DEV_MODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "

@@ -24,7 +24,6 @@ from tests_vllm.conftest import (
     MAX_MODEL_LEN,
     MODELS_DIR,
     REALTIME_MODEL,
-    RUNTIME_ARGS,
     RUNTIME_ENV,
     START_TIMEOUT,
     Gateway,
@@ -79,7 +78,7 @@ def pooling_urls() -> Iterator[tuple[str, str]]:
     port = free_port()
     env = {**os.environ, **dict(item.split("=", 1) for item in shlex.split(RUNTIME_ENV))}
     argv = [*shlex.split(vllm_command()), "--model", EMBED_MODEL, "--host", "127.0.0.1", "--port", str(port),
-            *shlex.split(RUNTIME_ARGS)]
+            "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager"]
     real = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sim, sim_base = _simulator(EMBED_MODEL)
     try:

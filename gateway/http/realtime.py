@@ -137,7 +137,8 @@ _INPUTS: dict[Kind, tuple[tuple[str, ...], str]] = {
     Kind.RESPONSES: (("input",), "a string, or a non-empty array of input items"),
     Kind.EMBEDDINGS: (("input", "messages"), "a string, or a non-empty array of strings or token ids"),
     Kind.POOLING: (("input", "messages"), "a string, or a non-empty array of strings or token ids"),
-    Kind.SCORE: (("queries", "text_1", "data_1"), "the queries to score against 'documents'"),
+    # vLLM's score takes queries/documents (or items), data_1/data_2 or text_1/text_2; SGLang's query/items.
+    Kind.SCORE: (("queries", "text_1", "data_1", "query"), "the queries to score against 'documents'"),
     Kind.RERANK: (("documents",), "a non-empty array of documents to rank against 'query'"),
     Kind.TOKENIZE: (("prompt", "messages"), "a string, or a non-empty array of chat messages"),
     Kind.DETOKENIZE: (("tokens",), "a non-empty array of token ids"),
