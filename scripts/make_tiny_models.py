@@ -5,9 +5,8 @@ Each model is a byte-level BPE tokenizer trained on generated text (about 2,000 
 chat template) and a random-weight LlamaConfig (hidden 128, 2 layers, 4 heads, 2 KV heads, 2,048
 positions), written with save_pretrained. Nothing is downloaded. The output is deterministic (fixed
 seeds); the models differ in name and weights, so that swapping between them is a real model swap.
-tiny-llama-a and -b are LlamaForCausalLM (generating models); tiny-llama-embed's config names the bare
-LlamaModel architecture, which vLLM serves as a pooling model (embeddings, pooling, score, rerank)
-without any runner flag.
+tiny-llama-a and -b are LlamaForCausalLM (generating models); tiny-llama-embed is the pooling model of
+the tier: the same architecture, served with `--runner pooling` (embeddings, pooling, score, rerank).
 
 Run it with the vLLM venv's Python (it has torch, transformers and tokenizers):
 
@@ -40,8 +39,8 @@ DEFAULT_ROOT = Path(os.environ.get("LLM_GATEWAY_CACHE_DIR", "/var/cache/llm-gate
 MODELS = {"tiny-llama-a": 1234, "tiny-llama-b": 5678, "tiny-llama-embed": 4321}
 POOLING_MODELS = frozenset({"tiny-llama-embed"})
 RECIPE = "tiny-llama v1: bpe 2000, hidden 128, layers 2, heads 4/2, positions 2048, float32"
-POOLING_RECIPE = ("tiny-llama-embed v2: LlamaModel architecture, LlamaForCausalLM weights, bpe 2000, hidden 128, "
-                  "layers 2, heads 4/2, positions 2048")
+POOLING_RECIPE = ("tiny-llama-embed v3: LlamaForCausalLM for --runner pooling, bpe 2000, hidden 128, layers 2, "
+                  "heads 4/2, positions 2048")
 STAMP = ".llm-gateway-stamp"
 VOCAB_SIZE = 2000
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -110,15 +109,10 @@ def build_model(directory: Path, name: str, seed: int) -> None:
                          torch_dtype="float32")
     torch.manual_seed(seed)
     if name in POOLING_MODELS:
-        # vLLM's registry serves the architecture "LlamaModel" as an embedding model (last-token pooling,
-        # normalised) with no runner flag. Its loader wants the weights named as in LlamaForCausalLM
-        # ("model.layers..."; the LM head is ignored), so that class writes them and config.json names
-        # the bare architecture.
+        # vLLM 0.32 serves a Llama checkpoint as a generating model unless told `--runner pooling`; then it
+        # is an embedding model (last-token pooling, normalised) and ignores the LM head. Its loader wants
+        # LlamaForCausalLM's weight names, so that class writes them.
         LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-        config_file = directory / "config.json"
-        written = json.loads(config_file.read_text())
-        written["architectures"] = ["LlamaModel"]
-        config_file.write_text(json.dumps(written, indent=2) + "\n")
     else:
         model = LlamaForCausalLM(config)
         # A wider spread than the default init, so that different prompts and seeds give visibly different text.

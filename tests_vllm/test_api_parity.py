@@ -69,7 +69,7 @@ def sim_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def pooling_urls() -> Iterator[tuple[str, str]]:
-    """A real vLLM serving the tiny pooling model (no runner flag: it is a LlamaModel), and a simulator."""
+    """A real vLLM serving the tiny pooling model (`--runner pooling`), and a simulator with its name."""
     from tests.conftest import free_port, wait_http
 
     if not (EMBED_MODEL and os.path.exists(os.path.join(EMBED_MODEL, "config.json"))):
@@ -78,7 +78,7 @@ def pooling_urls() -> Iterator[tuple[str, str]]:
     port = free_port()
     env = {**os.environ, **dict(item.split("=", 1) for item in shlex.split(RUNTIME_ENV))}
     argv = [*shlex.split(vllm_command()), "--model", EMBED_MODEL, "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager"]
+            "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32", "--enforce-eager", "--runner", "pooling"]
     real = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sim, sim_base = _simulator(EMBED_MODEL)
     try:

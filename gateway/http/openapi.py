@@ -321,7 +321,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "code", "param"], "properties": {
                         "message": {"type": "string"}, "type": {"type": "string"},
-                        "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}}}}},
+                        # A runtime's own 4xx is passed through: vLLM puts the HTTP status, an integer, in code.
+                        "code": {"type": ["string", "integer", "null"]}, "param": {"type": ["string", "null"]}}}}},
                 "Completion": _obj("object", "choices", id={"type": "string"}, object={"type": "string"},
                                    choices={"type": "array"}, usage={"type": ["object", "null"]}),
                 "Job": _obj("id", "object", "status", "model", "status_url", id={"type": "string"},
