@@ -1356,8 +1356,11 @@ class Simulator:
 
     # -- pooling, scoring and the tokenizer ---------------------------------------------------
 
-    async def _body_for(self, request: web.Request) -> tuple[dict[str, Any], str]:
-        """The JSON object of a request and the served model it names (the first one when it names none)."""
+    async def _body_for(self, request: web.Request, pooling: bool = True) -> tuple[dict[str, Any], str]:
+        """The JSON object of a request and the served model it names (the first one when it names none).
+
+        vLLM's pooling endpoints word an unknown model differently from its generating ones.
+        """
         body = _read_json(await request.read())
         if not isinstance(body, dict):
             raise validation_error("body", "model_attributes_type",
@@ -1366,6 +1369,8 @@ class Simulator:
         if model is not None and not isinstance(model, str):
             raise validation_error("body.model", "string_type", "Input should be a valid string", model)
         if model and model not in self.served:
+            if pooling:
+                raise RequestError(f"The model `{model}` does not exist.", status=404, err_type="NotFoundError")
             raise RequestError(f"The model `{model}` does not exist. Valid aliases: "
                                f"{', '.join(self.config.served_model_names)}.", status=404,
                                err_type="NotFoundError", param="model")
@@ -1482,7 +1487,7 @@ class Simulator:
     async def tokenize(self, request: web.Request) -> web.Response:
         """POST /tokenize: a prompt, or a conversation through the chat template."""
         try:
-            body, _model = await self._body_for(request)
+            body, _model = await self._body_for(request, pooling=False)
             if isinstance(body.get("prompt"), str):
                 tokens = tokenize_text(body["prompt"])
             elif body.get("messages") is not None:
@@ -1505,7 +1510,7 @@ class Simulator:
     async def detokenize(self, request: web.Request) -> web.Response:
         """POST /detokenize: the text of token ids."""
         try:
-            body, _model = await self._body_for(request)
+            body, _model = await self._body_for(request, pooling=False)
             ids = body.get("tokens")
             if ids is None:
                 raise validation_error("body.tokens", "missing", "Field required", body)
