@@ -290,3 +290,30 @@ def test_every_proxied_endpoint_is_a_post_route_with_the_realtime_scope() -> Non
     assert len(paths) == len(set(paths))
     assert {"/v1/responses", "/v1/embeddings", "/pooling", "/v1/score", "/v1/rerank", "/tokenize",
             "/detokenize"} <= set(paths)
+
+
+async def test_new_endpoints_get_503_with_retry_after_and_metrics(aiohttp_client: Any, make_settings: Any) -> None:
+    from tests.conftest import free_port
+
+    client = await aiohttp_client(create_app(make_settings(runtime_url=f"http://127.0.0.1:{free_port()}")))
+    for path, body in (("/v1/responses", {"model": REALTIME_MODEL, "input": "x"}),
+                       ("/v1/embeddings", {"model": REALTIME_MODEL, "input": "x"}),
+                       ("/tokenize", {"prompt": "x"})):
+        resp = await client.post(path, json=body, headers=auth("realtime"))
+        assert resp.status == 503, path
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert (await resp.json())["error"]["type"] == "server_error"
+    text = await (await client.get("/metrics", headers=auth("monitor"))).text()
+    assert 'route="/v1/embeddings"' in text and 'route="/v1/responses"' in text
+
+
+async def test_upstream_ttft_is_measured_per_endpoint(gateway: Any) -> None:
+    api = sdk(gateway)
+    await api.embeddings.create(model=REALTIME_MODEL, input="x")
+    async with api.responses.stream(model=REALTIME_MODEL, input="x", max_output_tokens=2) as stream:
+        async for _ in stream:
+            pass
+    text = await (await gateway.get("/metrics", headers=auth("monitor"))).text()
+    for path in ("/v1/embeddings", "/v1/responses"):
+        assert any(line.startswith("llm_gateway_upstream_time_to_first_token_seconds_count") and path in line
+                   and not line.endswith(" 0.0") for line in text.splitlines()), path
