@@ -2,7 +2,11 @@
 
 It answers what the gateway asks a real runtime (``/health``, ``/v1/models``, ``/v1/completions``,
 ``/v1/chat/completions`` with SSE and ``include_usage``, vLLM-named ``/metrics``, ``/sleep``,
-``/wake_up``, ``/is_sleeping``) with deterministic text, configurable latency and injected faults.
+``/wake_up``, ``/is_sleeping``) with deterministic text, configurable latency and injected faults, and
+the rest of vLLM 0.32's API in its shapes: ``/v1/responses`` (plain and streamed), tool calls on chat
+(arguments generated from the function's JSON schema), ``/v1/embeddings`` and ``/pooling``
+(deterministic unit vectors), ``/score``, ``/rerank`` (cosine of those), ``/tokenize`` and
+``/detokenize``. Unlike vLLM, one simulator serves both the generating and the pooling endpoints.
 
 This file is copied alone into a Docker image whose Python has only the standard library and
 Debian bookworm's aiohttp 3.8, so it imports nothing else (orjson is used when present) and uses
