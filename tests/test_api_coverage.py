@@ -317,3 +317,50 @@ async def test_upstream_ttft_is_measured_per_endpoint(gateway: Any) -> None:
     for path in ("/v1/embeddings", "/v1/responses"):
         assert any(line.startswith("llm_gateway_upstream_time_to_first_token_seconds_count") and path in line
                    and not line.endswith(" 0.0") for line in text.splitlines()), path
+
+
+SCHEMAS: list[dict[str, Any]] = [
+    WEATHER["function"]["parameters"],  # type: ignore[index]
+    {"type": "object", "properties": {"items": {"type": "array", "minItems": 2, "maxItems": 5, "items": {
+        "type": "object", "required": ["sku", "qty"], "properties": {
+            "sku": {"type": "string", "maxLength": 3}, "qty": {"type": "integer", "exclusiveMinimum": 0}}}}},
+     "required": ["items"], "additionalProperties": False},
+    {"type": "object", "required": ["choice", "maybe", "fixed"], "properties": {
+        "choice": {"anyOf": [{"type": "null"}, {"type": "number", "minimum": 0.5, "maximum": 0.75}]},
+        "maybe": {"type": ["null", "boolean"]}, "fixed": {"const": "yes"},
+        "level": {"enum": [1, 2, 3]}, "both": {"allOf": [{"type": "string"}, {"minLength": 5}]}}},
+    {"type": "array", "items": {"type": "integer", "minimum": -3, "maximum": -1}},
+    {"type": "object"},
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_simulated_tool_arguments_are_valid_against_their_schema(schema: dict[str, Any]) -> None:
+    import random
+
+    import jsonschema_rs  # Schemathesis' validator (a test dependency)
+
+    from gateway.simulator import schema_value
+
+    validator = jsonschema_rs.validator_for(schema)
+    for seed in range(25):
+        value = schema_value(schema, random.Random(seed))
+        assert validator.is_valid(value), (schema, value)
+        assert schema_value(schema, random.Random(seed)) == value  # deterministic
+
+
+def test_simulator_tokenizer_round_trips_and_counts_like_generation() -> None:
+    from gateway.simulator import (
+        CHAT_TOKENS_PER_MESSAGE,
+        CHAT_TOKENS_REPLY_PRIMER,
+        detokenize,
+        tokenize_chat,
+        tokenize_text,
+    )
+
+    text = "the quick brown fox Jumps-over zebras"
+    tokens = tokenize_text(text)
+    assert len(tokens) == len(text.split())
+    assert detokenize([t for t, _ in tokens]) == text
+    chat = tokenize_chat([{"role": "user", "content": "one two"}], add_generation_prompt=True)
+    assert len(chat) == CHAT_TOKENS_PER_MESSAGE + 2 + CHAT_TOKENS_REPLY_PRIMER
