@@ -364,3 +364,24 @@ def test_simulator_tokenizer_round_trips_and_counts_like_generation() -> None:
     assert detokenize([t for t, _ in tokens]) == text
     chat = tokenize_chat([{"role": "user", "content": "one two"}], add_generation_prompt=True)
     assert len(chat) == CHAT_TOKENS_PER_MESSAGE + 2 + CHAT_TOKENS_REPLY_PRIMER
+
+
+async def test_a_responses_stream_cut_by_a_crash_ends_with_an_error_event(aiohttp_client: Any,
+                                                                          make_settings: Any) -> None:
+    from tests.conftest import start_simulator
+
+    proc, url = start_simulator(REALTIME_MODEL, "--sim-crash-after", "0", "--sim-itl", "0.01")
+    try:
+        client = await aiohttp_client(create_app(make_settings(runtime_url=url)))
+        await wait_ready(client.app)
+        resp = await client.post("/v1/responses", headers=auth("realtime"), json={
+            "model": REALTIME_MODEL, "input": "x", "max_output_tokens": 20, "stream": True})
+        assert resp.status == 200
+        events = [e for e in (await resp.read()).split(b"\n\n") if e]
+        assert b"event: response.output_text.delta" in events[-2]
+        name, data = events[-1].split(b"\n", 1)
+        assert name == b"event: error" and b"[DONE]" not in events[-1]
+        assert json.loads(data.removeprefix(b"data: "))["error"]["code"] == "upstream_stream_broken"
+    finally:
+        proc.terminate()
+        proc.wait(10)
