@@ -385,3 +385,26 @@ async def test_a_responses_stream_cut_by_a_crash_ends_with_an_error_event(aiohtt
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_responses_and_tool_calls_run_on_the_contention_model(aiohttp_client: Any, make_settings: Any) -> None:
+    """With --sim-contention the generating endpoints go through the simulated engine, which counts them."""
+    from tests.conftest import start_simulator
+
+    proc, url = start_simulator(REALTIME_MODEL, "--sim-contention")
+    try:
+        client = await aiohttp_client(create_app(make_settings(runtime_url=url)))
+        await wait_ready(client.app)
+        api = sdk(client)
+        answer = await api.responses.create(model=REALTIME_MODEL, input="x", max_output_tokens=6)
+        assert answer.usage is not None and answer.usage.output_tokens == 6
+        chat = await api.chat.completions.create(model=REALTIME_MODEL, messages=[{"role": "user", "content": "x"}],
+                                                 tools=[WEATHER], tool_choice="required", max_tokens=200)
+        check_weather_arguments(chat.choices[0].message.tool_calls[0].function.arguments)  # type: ignore[index]
+        async with client.session.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+        generated = next(line for line in metrics.splitlines() if line.startswith("vllm:generation_tokens_total"))
+        assert float(generated.rsplit(" ", 1)[1]) == 6 + chat.usage.completion_tokens  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.wait(10)
