@@ -1847,8 +1847,9 @@ class Simulator:
                                            "reasoning": None}
                 if c.tool_name is not None:
                     # vLLM leaves content "" for a named or required call, and None for an auto call.
-                    message = {**message, "content": None if req.tool_mode == "auto" else "",
-                               "function_call": None, "tool_calls": [self._tool_call(c)], "reasoning": None}
+                    del message["reasoning"]
+                    message.update(content=None if req.tool_mode == "auto" else "",
+                                   tool_calls=[self._tool_call(c)], reasoning=None)
                 out_choices.append({
                     "index": c.index,
                     "message": message,
