@@ -13,7 +13,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -263,7 +263,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     kind = endpoint.kind
     client_wants_usage = False
     if stream and kind is not Kind.RESPONSES:  # a responses stream always ends with its usage
-        options = data.get("stream_options") or {}
+        options = cast("dict[str, object]", data.get("stream_options") or {})  # an object: validate_request
         client_wants_usage = bool(options.get("include_usage"))
         if not client_wants_usage:
             data["stream_options"] = {**options, "include_usage": True}
@@ -288,7 +288,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         # in front costs a copy, not a second serialisation.
         body = b'{"priority":%d,' % REALTIME_PRIORITY + body[body.index(b"{") + 1:]
     snap = app[SUPERVISOR].snapshot
-    if not snap.ready or snap.model != settings.realtime_model:
+    if not snap.ready or snap.base_url is None or snap.model != settings.realtime_model:
         raise unavailable(request, snap)
 
     key_id = request[API_KEY].id
@@ -354,7 +354,7 @@ def openai_error_payload(status: int, payload: bytes) -> bytes:
         return payload
     message = _upstream_message(payload)
     param = obj.get("param") if isinstance(obj, dict) and isinstance(obj.get("param"), str) else None
-    kind = obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else "invalid_request_error"
+    kind: str = obj["type"] if isinstance(obj, dict) and isinstance(obj.get("type"), str) else "invalid_request_error"
     return error_body(message, type=kind, code=str(status), param=param)
 
 
@@ -592,7 +592,7 @@ async def _model_listing(request: web.Request) -> dict[str, Any]:
     app = request.app
     settings = app[SETTINGS]
     snap = app[SUPERVISOR].snapshot
-    if not snap.ready or snap.model != settings.realtime_model:
+    if not snap.ready or snap.base_url is None or snap.model != settings.realtime_model:
         if snap.state is RuntimeState.STOPPED:
             app[SUPERVISOR].request_start()
         wait = snap.retry_after()
