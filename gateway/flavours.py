@@ -36,6 +36,12 @@ class Flavour:
     is_sleeping_path: str | None = None
     priority_args: tuple[str, ...] = ()
     """Server arguments that turn on priority scheduling with vLLM's order (a lower value runs first)."""
+    missing_paths: frozenset[str] = frozenset()
+    """Proxied API paths this runtime does not serve; the gateway answers 404 endpoint_not_supported."""
+
+    def serves(self, path: str) -> bool:
+        """True when the runtime has the API endpoint at `path`."""
+        return path not in self.missing_paths
 
     @property
     def supports_sleep(self) -> bool:
@@ -72,6 +78,9 @@ SGLANG = Flavour(
     docker_entry=("python3", "-m", "sglang.launch_server"),
     # SGLang runs higher values first unless told otherwise; the gateway speaks vLLM's order everywhere.
     priority_args=("--enable-priority-scheduling", "--schedule-low-priority-values-first"),
+    # sglang/srt/entrypoints/http_server.py serves /v1/embeddings, /v1/score, /v1/rerank, /v1/responses,
+    # /tokenize and /detokenize, but has no /pooling and no Cohere-style /rerank or /v2/rerank.
+    missing_paths=frozenset({"/pooling", "/rerank", "/v2/rerank"}),
 )
 
 FLAVOURS: dict[RuntimeType, Flavour] = {RuntimeType.VLLM: VLLM, RuntimeType.SGLANG: SGLANG}

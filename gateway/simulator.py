@@ -2,7 +2,11 @@
 
 It answers what the gateway asks a real runtime (``/health``, ``/v1/models``, ``/v1/completions``,
 ``/v1/chat/completions`` with SSE and ``include_usage``, vLLM-named ``/metrics``, ``/sleep``,
-``/wake_up``, ``/is_sleeping``) with deterministic text, configurable latency and injected faults.
+``/wake_up``, ``/is_sleeping``) with deterministic text, configurable latency and injected faults, and
+the rest of vLLM 0.32's API in its shapes: ``/v1/responses`` (plain and streamed), tool calls on chat
+(arguments generated from the function's JSON schema), ``/v1/embeddings`` and ``/pooling``
+(deterministic unit vectors), ``/score``, ``/rerank`` (cosine of those), ``/tokenize`` and
+``/detokenize``. Unlike vLLM, one simulator serves both the generating and the pooling endpoints.
 
 This file is copied alone into a Docker image whose Python has only the standard library and
 Debian bookworm's aiohttp 3.8, so it imports nothing else (orjson is used when present) and uses
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import inspect
 import json
@@ -24,6 +29,7 @@ import os
 import random
 import re
 import signal
+import struct
 import sys
 import time
 import uuid
@@ -388,6 +394,8 @@ class GenRequest:
     response_format: str | None  # None, "json_object" or "json_schema"
     json_schema: dict[str, Any] | None
     max_tokens_param: str = "max_tokens"  # the field that set max_tokens (named in vLLM's errors)
+    tool: dict[str, Any] | None = None  # chat: the function this answer calls (its `function` object)
+    tool_mode: str | None = None  # "named", "required" or "auto": how the call was chosen
 
 
 def parse_request(body: Any, chat: bool) -> GenRequest:
@@ -505,13 +513,324 @@ def parse_request(body: Any, chat: bool) -> GenRequest:
                 wrapper = fmt.get("json_schema")
                 schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
                 json_schema = schema if isinstance(schema, dict) else {}
+    tool, tool_mode = choose_tool(body) if chat else (None, None)
     return GenRequest(
+        tool=tool, tool_mode=tool_mode,
         chat=chat, model=model or "", prompts=prompts, prompt_tokens=prompt_tokens,
         max_tokens=max_tokens, n=n, stream=stream, include_usage=include_usage,
         continuous_usage=continuous_usage, stop=stop,
         include_stop=_opt_bool(body, "include_stop_str_in_output"), seed=seed,
         temperature=temperature, top_p=top_p, logprobs=logprobs,
         response_format=response_format, json_schema=json_schema, max_tokens_param=max_tokens_param)
+
+
+def _tool_error(message: str, param: str) -> RequestError:
+    return RequestError(f"{message} (parameter={param})", param=param)
+
+
+_CORRECT_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def choose_tool(body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The function a chat answer calls, and why (vLLM's checks of `tools` and `tool_choice` first).
+
+    A named `tool_choice` calls that function and `required` calls one (the one the last user message
+    names, else the first). `auto` (the default when tools are given) calls a function only when the
+    conversation ends with a user message that mentions it: its name, or a word of four letters or more
+    from its name (e.g. "weather" for get_weather). `none` never calls. The simulator acts as vLLM
+    started with --enable-auto-tool-choice.
+    """
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise validation_error("body.tools", "list_type", "Input should be a valid list", tools)
+        if not tools:
+            raise _tool_error("`tools` must not be an empty array. Either provide at least one tool or omit "
+                              "the field entirely.", "tools")
+    functions: list[dict[str, Any]] = []
+    for index, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise validation_error(f"body.tools.{index}.function", "missing", "Field required", tool)
+        functions.append(function)
+    if choice is None:
+        choice = "auto" if functions else "none"
+    if choice == "none":
+        return None, None
+    if tools is None:
+        raise _tool_error("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            raise _tool_error(f"Invalid value for `function`: `{function}` in `tool_choice`! {_CORRECT_USAGE}",
+                              "tool_choice.function")
+        if "name" not in function:
+            raise _tool_error(f"Expected field `name` in `function` in `tool_choice`! {_CORRECT_USAGE}",
+                              "tool_choice.function.name")
+        name = function["name"]
+        if not isinstance(name, str) or not name:
+            raise _tool_error(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {_CORRECT_USAGE}",
+                              "tool_choice.function.name")
+        for candidate in functions:
+            if candidate["name"] == name:
+                return candidate, "named"
+        raise _tool_error("The tool specified in `tool_choice` does not match any of the specified `tools`",
+                          "tool_choice")
+    if choice not in ("auto", "required"):
+        raise _tool_error(f"Invalid value for `tool_choice`: {choice}! Only named tools, \"none\", \"auto\" or "
+                          "\"required\" are supported.", "tool_choice")
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    said = ""
+    if isinstance(last, dict) and last.get("role") == "user":
+        said = _message_text(last, len(messages) - 1).lower()  # type: ignore[arg-type]
+    for function in functions:
+        name = function["name"].lower()
+        words = [w for w in re.split(r"[^a-z0-9]+", name) if len(w) >= 4]
+        if said and (name in said or any(w in said for w in words)):
+            return function, str(choice)
+    if choice == "required":
+        return functions[0], "required"
+    return None, None
+
+
+_MAX_SCHEMA_DEPTH = 8
+
+
+def schema_value(schema: Any, rng: random.Random, depth: int = 0) -> Any:
+    """A value valid against a JSON schema (the subset tool parameters use), chosen by `rng`.
+
+    Handles type (or a list of types), const, enum, default-free objects (required properties and the
+    rest), arrays (items, minItems/maxItems), strings (minLength/maxLength), numbers and integers
+    (minimum/maximum, exclusive bounds), booleans, null, anyOf/oneOf/allOf (the first branch) and local
+    $refs are not followed (an unresolvable branch gives a string).
+    """
+    if not isinstance(schema, dict) or depth > _MAX_SCHEMA_DEPTH:
+        return VOCABULARY[rng.randrange(_VOCAB_SIZE)]
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][rng.randrange(len(schema["enum"]))]
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        branches = schema.get(combinator)
+        if isinstance(branches, list) and branches:
+            if combinator == "allOf":
+                merged: dict[str, Any] = {}
+                for branch in branches:
+                    if isinstance(branch, dict):
+                        merged.update(branch)
+                return schema_value(merged, rng, depth + 1)
+            usable = [b for b in branches if isinstance(b, dict) and b.get("type") != "null"] or branches
+            return schema_value(usable[0], rng, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kinds = [k for k in kind if k != "null"] or kind
+        kind = kinds[0] if kinds else None
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "object":
+        found = schema.get("properties")
+        props: dict[str, Any] = found if isinstance(found, dict) else {}
+        required = [r for r in schema.get("required") or [] if isinstance(r, str)]
+        value: dict[str, Any] = {}
+        for key in [*required, *(k for k in props if k not in required)]:
+            value[key] = schema_value(props.get(key, {"type": "string"}), rng, depth + 1)
+        return value
+    if kind == "array":
+        low = _schema_number(schema, "minItems", 1)
+        high = _schema_number(schema, "maxItems", max(low, 2))
+        count = int(min(max(low, min(2, high)), 16))
+        return [schema_value(schema.get("items", {"type": "string"}), rng, depth + 1) for _ in range(count)]
+    if kind in ("integer", "number"):
+        exclusive_low, exclusive_high = "minimum" not in schema and "exclusiveMinimum" in schema, \
+            "maximum" not in schema and "exclusiveMaximum" in schema
+        lowest = _schema_number(schema, "minimum", _schema_number(schema, "exclusiveMinimum", 0))
+        highest = _schema_number(schema, "maximum", _schema_number(schema, "exclusiveMaximum", max(100, lowest + 100)))
+        if kind == "integer":
+            first = math.floor(lowest) + (1 if exclusive_low else 0)
+            last = math.ceil(highest) - (1 if exclusive_high else 0)
+            return rng.randint(first, max(first, last))
+        return round(lowest + (highest - lowest) * rng.random(), 2) if highest > lowest else lowest
+    if kind == "boolean":
+        return bool(rng.randrange(2))
+    if kind == "null":
+        return None
+    shortest = int(_schema_number(schema, "minLength", 1))
+    longest = int(_schema_number(schema, "maxLength", 64))
+    text = VOCABULARY[rng.randrange(_VOCAB_SIZE)]
+    while len(text) < shortest:
+        text += " " + VOCABULARY[rng.randrange(_VOCAB_SIZE)]
+    return text[:max(longest, 0)]
+
+
+def _schema_number(schema: dict[str, Any], name: str, default: float) -> float:
+    value = schema.get(name)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+# Token ids: specials first, then the vocabulary, then other words by hash (remembered for /detokenize).
+_SPECIAL_IDS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "\n": 3}
+_FIRST_WORD_ID = len(_SPECIAL_IDS)
+_WORD_IDS = {word: _FIRST_WORD_ID + i for i, word in enumerate(VOCABULARY)}
+_HASHED_IDS = 30000
+VOCAB_TOTAL = _FIRST_WORD_ID + _VOCAB_SIZE + _HASHED_IDS
+_SEEN_WORDS: dict[int, str] = {}
+_SEEN_MAX = 100_000
+
+
+def token_id(word: str) -> int:
+    """The id of one word (a token of the simulator's one-word-per-token tokenizer)."""
+    known = _WORD_IDS.get(word)
+    if known is not None:
+        return known
+    digest = hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    number = _FIRST_WORD_ID + _VOCAB_SIZE + int.from_bytes(digest, "big") % _HASHED_IDS
+    if len(_SEEN_WORDS) < _SEEN_MAX:
+        _SEEN_WORDS.setdefault(number, word)
+    return number
+
+
+def tokenize_text(text: str) -> list[tuple[int, str]]:
+    """(id, text) of each token: words as in prompt token counts (a leading space on all but the first)."""
+    return [(token_id(word), word if i == 0 else " " + word) for i, word in enumerate(text.split())]
+
+
+def tokenize_chat(messages: list[Any], add_generation_prompt: bool) -> list[tuple[int, str]]:
+    """A conversation as the chat template renders it: as many tokens as a chat prompt costs."""
+    out: list[tuple[int, str]] = []
+    for index, message in enumerate(messages):
+        text = _message_text(message, index)
+        role = str(message["role"])
+        # CHAT_TOKENS_PER_MESSAGE = 4: <|im_start|>, the role, <|im_end|> and a newline.
+        out += [(1, "<|im_start|>"), (token_id(role), role), *tokenize_text(text), (2, "<|im_end|>"), (3, "\n")]
+    if add_generation_prompt:  # CHAT_TOKENS_REPLY_PRIMER = 3
+        out += [(1, "<|im_start|>"), (token_id("assistant"), "assistant"), (3, "\n")]
+    return out
+
+
+def detokenize(ids: list[int]) -> str:
+    """The text of token ids; ids the tokenizer never made decode to nothing, as in vLLM."""
+    specials = {v: k for k, v in _SPECIAL_IDS.items()}
+    words: list[str] = []
+    for number in ids:
+        if number in specials:
+            words.append(specials[number])
+        elif _FIRST_WORD_ID <= number < _FIRST_WORD_ID + _VOCAB_SIZE:
+            words.append(VOCABULARY[number - _FIRST_WORD_ID])
+        elif number in _SEEN_WORDS:
+            words.append(_SEEN_WORDS[number])
+    return " ".join(words)
+
+
+EMBEDDING_DIM = 128  # the tiny test models' hidden size
+
+
+def embed(model: str, text: str, dimensions: int | None = None) -> list[float]:
+    """A deterministic unit vector for `text` (seeded by a hash of model and text).
+
+    `dimensions` keeps the first components and normalises again, as a Matryoshka model does.
+    """
+    digest = hashlib.blake2b(f"{model}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))
+    vector = [rng.gauss(0.0, 1.0) for _ in range(EMBEDDING_DIM)][: dimensions or EMBEDDING_DIM]
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    """Cosine similarity of two unit vectors."""
+    return sum(x * y for x, y in zip(a, b, strict=False))
+
+
+def _read_json(raw: bytes) -> Any:
+    """The request body as JSON, or vLLM's json_invalid error."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise RequestError(
+            "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', 'msg': 'JSON decode "
+            f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{detail}'}}}}",
+            err_type="Bad Request", param="body.0") from None
+
+
+_RESPONSES_REQUEST = "\x00responses"  # where responses_as_chat keeps the original request (not a JSON key)
+
+
+def _item_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text") or "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def responses_as_chat(body: Any) -> dict[str, Any]:
+    """A Responses API request as the chat request it generates like (vLLM renders it the same way)."""
+    if not isinstance(body, dict):
+        raise validation_error("body", "model_attributes_type",
+                               "Input should be a valid dictionary or object to extract fields from", body)
+    if "input" not in body:
+        raise validation_error("body.input", "missing", "Field required", body)
+    items = body["input"]
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+    elif isinstance(items, list):
+        for item in items:
+            if not isinstance(item, dict):
+                raise validation_error("body.input", "list_type", "Input should be a valid list", items)
+            if item.get("type") == "function_call_output":
+                messages.append({"role": "tool", "content": str(item.get("output") or "")})
+            elif item.get("type") == "function_call":
+                messages.append({"role": "assistant", "content": str(item.get("arguments") or "")})
+            else:
+                messages.append({"role": str(item.get("role") or "user"), "content": _item_text(item.get("content"))})
+    else:
+        raise validation_error("body.input", "string_type", "Input should be a valid string", items)
+    chat: dict[str, Any] = {"messages": messages, _RESPONSES_REQUEST: body}
+    for name in ("model", "stream", "temperature", "top_p", "priority"):
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    return chat
+
+
+def _pooling_texts(body: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """The texts of an embeddings or pooling request and their token counts (vLLM's accepted forms)."""
+    if body.get("messages") is not None and body.get("input") is None:
+        messages = body["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise validation_error("body.messages", "list_type", "Input should be a valid list", messages)
+        tokens = tokenize_chat(messages, add_generation_prompt=False)
+        return [" ".join(t for _, t in tokens)], [len(tokens)]
+    value = body.get("input")
+    if value is None:
+        raise validation_error("body.input", "missing", "Field required", body)
+    if isinstance(value, str):
+        return [value], [_count_words(value)]
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [detokenize(value)], [len(value)]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value), [_count_words(v) for v in value]
+    if isinstance(value, list) and value and all(isinstance(v, list) and all(isinstance(t, int) for t in v)
+                                                 for v in value):
+        return [detokenize(v) for v in value], [len(v) for v in value]
+    raise validation_error("body.input", "string_type", "Input should be a valid string", value)
+
+
+def _score_texts(value: Any, loc: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        return [value["text"]]
+    if isinstance(value, list) and value:
+        return [_score_texts(v, loc)[0] for v in value]
+    raise validation_error(loc, "string_type", "Input should be a valid string", value)
 
 
 @dataclass
@@ -523,6 +842,8 @@ class Choice:
     finish_reason: str
     stop_reason: str | None
     logprobs: list[tuple[float, list[tuple[str, float]]]] | None  # per piece: (lp, top-k)
+    tool_name: str | None = None  # set when the pieces are the arguments of a call of this function
+    tool_call_id: str = ""
 
     @property
     def text(self) -> str:
@@ -577,6 +898,14 @@ def _rng_for(req: GenRequest, prompt: str, index: int) -> random.Random:
 def generate(req: GenRequest, prompt: str, index: int, limit: int, natural_stop: bool) -> Choice:
     """The deterministic output for one choice: the same request always gives the same text."""
     rng = _rng_for(req, prompt, index)
+    if req.tool is not None:
+        # The arguments, as vLLM's structured output writes them: JSON, cut at the limit.
+        name = str(req.tool["name"])
+        raw = _PIECE_RE.findall(json.dumps(schema_value(req.tool.get("parameters") or {"type": "object"}, rng)))
+        natural_stop = len(raw) <= limit
+        finish = "length" if not natural_stop else "stop" if req.tool_mode == "named" else "tool_calls"
+        return Choice(index=index, pieces=raw[:limit], finish_reason=finish, stop_reason=None, logprobs=None,
+                      tool_name=name, tool_call_id=f"chatcmpl-tool-{uuid.uuid4().hex[:16]}")
     if req.response_format:
         # The whole object when it fits (a natural stop), else cut at the limit as vLLM would.
         state = rng.getstate()
@@ -888,6 +1217,15 @@ class Simulator:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/pooling", self.pooling)
+        for path in ("/score", "/v1/score"):
+            app.router.add_post(path, self.score)
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            app.router.add_post(path, self.rerank)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_post("/sleep", self.sleep)
         app.router.add_post("/wake_up", self.wake_up)
@@ -1013,6 +1351,177 @@ class Simulator:
         return web.Response(body=_dumps({"is_sleeping": self.sleeping}),
                             content_type="application/json")
 
+    # -- pooling, scoring and the tokenizer ---------------------------------------------------
+
+    async def _body_for(self, request: web.Request, pooling: bool = True) -> tuple[dict[str, Any], str]:
+        """The JSON object of a request and the served model it names (the first one when it names none).
+
+        vLLM's pooling endpoints word an unknown model differently from its generating ones.
+        """
+        body = _read_json(await request.read())
+        if not isinstance(body, dict):
+            raise validation_error("body", "model_attributes_type",
+                                   "Input should be a valid dictionary or object to extract fields from", body)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise validation_error("body.model", "string_type", "Input should be a valid string", model)
+        if model and model not in self.served:
+            if pooling:
+                raise RequestError(f"The model `{model}` does not exist.", status=404, err_type="NotFoundError")
+            raise RequestError(f"The model `{model}` does not exist. Valid aliases: "
+                               f"{', '.join(self.config.served_model_names)}.", status=404,
+                               err_type="NotFoundError", param="model")
+        return body, model or self.model_name
+
+    def _pooled(self, texts: list[str], tokens: list[int]) -> None:
+        for count in tokens:
+            if count > self.config.max_model_len:
+                raise RequestError(f"This model's maximum context length is {self.config.max_model_len} tokens. "
+                                   f"However, you requested {count} tokens in the input for embedding "
+                                   "generation. Please reduce the length of the input.")
+        self.metrics.prompt_tokens += sum(tokens)
+
+    @staticmethod
+    def _pool_usage(tokens: int) -> dict[str, Any]:
+        return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                "prompt_tokens_details": None, "completion_tokens_details": None}
+
+    @staticmethod
+    def _json(body: dict[str, Any]) -> web.Response:
+        return web.Response(body=_dumps(body), content_type="application/json")
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """POST /v1/embeddings: deterministic unit vectors, `dimensions` and base64 encoding honoured."""
+        try:
+            body, model = await self._body_for(request)
+            texts, tokens = _pooling_texts(body)
+            dimensions = _opt_int(body, "dimensions", 1)
+            if dimensions is not None and dimensions > EMBEDDING_DIM:
+                raise RequestError(f"dimensions={dimensions} is more than the model's {EMBEDDING_DIM} "
+                                   "dimensions.", param="dimensions")
+            encoding = body.get("encoding_format") or "float"
+            if encoding not in ("float", "base64"):
+                raise validation_error("body.encoding_format", "literal_error",
+                                       "Input should be 'float', 'base64' or 'bytes'", encoding,
+                                       {"expected": "'float', 'base64' or 'bytes'"})
+            self._pooled(texts, tokens)
+        except RequestError as error:
+            return error.response()
+        data = []
+        for index, text in enumerate(texts):
+            vector = embed(model, text, dimensions)
+            value: Any = vector
+            if encoding == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"index": index, "object": "embedding", "embedding": value})
+        return self._json({"id": f"embd-{uuid.uuid4().hex[:16]}", "object": "list", "created": int(time.time()),
+                           "model": model, "data": data, "usage": self._pool_usage(sum(tokens))})
+
+    async def pooling(self, request: web.Request) -> web.Response:
+        """POST /pooling: the pooled hidden state of each input (the embedding, before any projection)."""
+        try:
+            body, model = await self._body_for(request)
+            texts, tokens = _pooling_texts(body)
+            self._pooled(texts, tokens)
+        except RequestError as error:
+            return error.response()
+        data = [{"index": i, "object": "pooling", "data": embed(model, text)} for i, text in enumerate(texts)]
+        return self._json({"id": f"pooling-{uuid.uuid4().hex[:16]}", "object": "list",
+                           "created": int(time.time()), "model": model, "data": data,
+                           "usage": self._pool_usage(sum(tokens))})
+
+    async def score(self, request: web.Request) -> web.Response:
+        """POST /score and /v1/score: cosine similarity of each query and document pair."""
+        try:
+            body, model = await self._body_for(request)
+            for first, second in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"),
+                                  ("text_1", "text_2")):
+                if first in body and second in body:
+                    break
+            else:
+                raise validation_error("body.queries", "missing", "Field required", body)
+            queries = _score_texts(body[first], f"body.{first}")
+            documents = _score_texts(body[second], f"body.{second}")
+            if len(queries) == 1:
+                queries = queries * len(documents)
+            elif len(queries) != len(documents):
+                raise RequestError("Input lengths must be either 1:1, 1:N or N:N")
+            tokens = sum(_count_words(q) for q in set(queries)) + sum(_count_words(d) for d in documents)
+            self._pooled([], [tokens])
+        except RequestError as error:
+            return error.response()
+        data = [{"index": i, "object": "score", "score": cosine(embed(model, q), embed(model, d))}
+                for i, (q, d) in enumerate(zip(queries, documents, strict=True))]
+        return self._json({"id": f"score-{uuid.uuid4().hex[:16]}", "object": "list", "created": int(time.time()),
+                           "model": model, "data": data, "usage": self._pool_usage(tokens)})
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """POST /rerank, /v1/rerank and /v2/rerank: documents by relevance to the query, best first."""
+        try:
+            body, model = await self._body_for(request)
+            query = body.get("query")
+            if not isinstance(query, str):
+                raise validation_error("body.query", "missing" if query is None else "string_type",
+                                       "Field required" if query is None else "Input should be a valid string",
+                                       body if query is None else query)
+            if "documents" not in body:
+                raise validation_error("body.documents", "missing", "Field required", body)
+            documents = _score_texts(body["documents"], "body.documents")
+            top_n = _opt_int(body, "top_n", 0) or 0
+            tokens = _count_words(query) + sum(_count_words(d) for d in documents)
+            self._pooled([], [tokens])
+        except RequestError as error:
+            return error.response()
+        vector = embed(model, query)
+        results = sorted(({"index": i, "document": {"text": d, "multi_modal": None},
+                           "relevance_score": cosine(vector, embed(model, d))} for i, d in enumerate(documents)),
+                         key=lambda r: -float(r["relevance_score"]))  # type: ignore[arg-type]
+        if top_n:
+            results = results[:top_n]
+        return self._json({"id": f"score-{uuid.uuid4().hex[:16]}", "model": model,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize: a prompt, or a conversation through the chat template."""
+        try:
+            body, _model = await self._body_for(request, pooling=False)
+            if isinstance(body.get("prompt"), str):
+                tokens = tokenize_text(body["prompt"])
+            elif body.get("messages") is not None:
+                messages = body["messages"]
+                if not isinstance(messages, list):
+                    raise validation_error("body.messages", "list_type", "Input should be a valid list", messages)
+                prompt = body.get("add_generation_prompt")
+                tokens = tokenize_chat(messages, add_generation_prompt=prompt is None or _opt_bool(
+                    body, "add_generation_prompt"))
+            elif "prompt" in body:
+                raise validation_error("body.prompt", "string_type", "Input should be a valid string", body["prompt"])
+            else:
+                raise validation_error("body.prompt", "missing", "Field required", body)
+            strs = _opt_bool(body, "return_token_strs")
+        except RequestError as error:
+            return error.response()
+        return self._json({"count": len(tokens), "max_model_len": self.config.max_model_len,
+                           "tokens": [t for t, _ in tokens], "token_strs": [w for _, w in tokens] if strs else None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize: the text of token ids."""
+        try:
+            body, _model = await self._body_for(request, pooling=False)
+            ids = body.get("tokens")
+            if ids is None:
+                raise validation_error("body.tokens", "missing", "Field required", body)
+            if not isinstance(ids, list):
+                raise validation_error("body.tokens", "list_type", "Input should be a valid list", ids)
+            for index, value in enumerate(ids):
+                number = _lax_int(f"tokens.{index}", value)
+                if number < 0:
+                    raise validation_error(f"body.tokens.{index}", "greater_than_equal",
+                                           "Input should be greater than or equal to 0", value, {"ge": 0})
+        except RequestError as error:
+            return error.response()
+        return self._json({"prompt": detokenize([int(v) for v in ids])})
+
     # -- generation --------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -1023,16 +1532,16 @@ class Simulator:
         """POST /v1/chat/completions."""
         return await self._generate(request, chat=True)
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses: OpenAI's Responses API over the chat generation."""
+        return await self._generate(request, chat=True, responses=True)
+
+    async def _generate(self, request: web.Request, chat: bool, responses: bool = False) -> web.StreamResponse:
         raw = await request.read()
         try:
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise RequestError(
-                    "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', 'msg': 'JSON decode "
-                    f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{getattr(exc, 'msg', exc)}'}}}}",
-                    err_type="Bad Request", param="body.0") from None
+            body = _read_json(raw)
+            if responses:
+                body = responses_as_chat(body)
             req = parse_request(body, chat)
             if req.model and req.model not in self.served:
                 raise RequestError(f"The model `{req.model}` does not exist. Valid aliases: "
@@ -1076,7 +1585,9 @@ class Simulator:
                 self._crash(number)
             pacer = self._pacer(req, choices, prompt_of, priority)
             try:
-                if req.stream:
+                if responses:
+                    response = await self._respond(request, req, body, choices[0], arrived, crash, number, pacer)
+                elif req.stream:
                     response = await self._stream(request, req, choices, prompt_of, arrived,
                                                   crash, number, pacer)
                 else:
@@ -1095,8 +1606,9 @@ class Simulator:
             metrics.gen_hist.observe(completion_total)
             metrics.e2e.observe(time.monotonic() - arrived)
             for choice in choices:
-                metrics.success[choice.finish_reason] = metrics.success.get(
-                    choice.finish_reason, 0) + 1
+                # The engine finished with "stop"; "tool_calls" is the API's name for it.
+                reason = "stop" if choice.finish_reason == "tool_calls" else choice.finish_reason
+                metrics.success[reason] = metrics.success.get(reason, 0) + 1
             return response
         finally:
             metrics.running -= 1
@@ -1189,6 +1701,95 @@ class Simulator:
                 "completion_tokens": completion_tokens}
 
     @staticmethod
+    def _tool_call(choice: Choice) -> dict[str, Any]:
+        return {"id": choice.tool_call_id, "type": "function",
+                "function": {"name": choice.tool_name, "arguments": choice.text}}
+
+    async def _respond(self, request: web.Request, req: GenRequest, chat_body: dict[str, Any], choice: Choice,
+                       arrived: float, crash: bool, number: int,
+                       pacer: _FixedPacer | _EnginePacer) -> web.StreamResponse:
+        """A Responses API answer: one response object, or its event stream (vLLM 0.32's sequence)."""
+        body = chat_body[_RESPONSES_REQUEST]
+        prompt_tokens, output_tokens = sum(req.prompt_tokens), len(choice.pieces)
+        response_id, item_id = f"resp_{uuid.uuid4().hex[:16]}", f"msg_{uuid.uuid4().hex[:16]}"
+        created = int(time.time())
+
+        def item(text: str, status: str) -> dict[str, Any]:
+            content: list[dict[str, Any]] = [{"annotations": [], "text": text, "type": "output_text", "logprobs": None}]
+            return {"id": item_id, "content": content if status == "completed" else [], "role": "assistant",
+                    "status": status, "type": "message", "phase": None}
+
+        def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+            done = status != "in_progress"
+            incomplete = done and choice.finish_reason == "length"
+            usage = None
+            if done:
+                usage = {"input_tokens": prompt_tokens,
+                         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0,
+                                                  "input_tokens_per_turn": [], "cached_tokens_per_turn": []},
+                         "output_tokens": output_tokens,
+                         "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0,
+                                                   "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []},
+                         "total_tokens": prompt_tokens + output_tokens}
+            return {"id": response_id, "created_at": created,
+                    "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                    "instructions": body.get("instructions"), "metadata": body.get("metadata"),
+                    "model": req.model, "object": "response", "output": output,
+                    "parallel_tool_calls": body.get("parallel_tool_calls", True),
+                    "temperature": 1.0 if req.temperature is None else req.temperature,
+                    "tool_choice": body.get("tool_choice", "none"), "tools": body.get("tools") or [],
+                    "top_p": 1.0 if req.top_p is None else req.top_p, "background": False,
+                    "max_output_tokens": req.max_tokens, "max_tool_calls": None,
+                    "previous_response_id": body.get("previous_response_id"), "prompt": None, "reasoning": None,
+                    "service_tier": "auto", "status": "incomplete" if incomplete else status, "text": None,
+                    "top_logprobs": None, "truncation": "disabled", "usage": usage, "user": None,
+                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "kv_transfer_params": None,
+                    "ec_transfer_params": None, "input_messages": None, "output_messages": None}
+
+        if not req.stream:
+            await pacer.first_token()
+            if pacer.handler_observes:
+                self.metrics.ttft.observe(time.monotonic() - arrived)
+            await pacer.finished(output_tokens)
+            return self._json(response("completed", [item(choice.text, "completed")]))
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                             "Cache-Control": "no-cache"})
+        await stream.prepare(request)
+        sequence = 0
+        crash_at = max(1, output_tokens // 2) if crash else -1
+
+        async def event(kind: str, fields: dict[str, Any]) -> None:
+            nonlocal sequence
+            payload = {**fields, "sequence_number": sequence, "type": kind}
+            sequence += 1
+            await stream.write(f"event: {kind}\ndata: ".encode() + _dumps(payload) + b"\n\n")
+
+        await event("response.created", {"response": response("in_progress", [])})
+        await event("response.in_progress", {"response": response("in_progress", [])})
+        await pacer.first_token()
+        await event("response.output_item.added", {"item": item("", "in_progress"), "output_index": 0})
+        part = {"annotations": [], "text": "", "type": "output_text", "logprobs": []}
+        await event("response.content_part.added", {"content_index": 0, "item_id": item_id, "output_index": 0,
+                                                    "part": part})
+        for position, piece in enumerate(choice.pieces):
+            await pacer.token(position)
+            if position == 0 and pacer.handler_observes:
+                self.metrics.ttft.observe(time.monotonic() - arrived)
+            await event("response.output_text.delta", {"content_index": 0, "delta": piece, "item_id": item_id,
+                                                       "logprobs": [], "output_index": 0})
+            if position + 1 == crash_at:
+                self._crash(number)
+        text = choice.text
+        await event("response.output_text.done", {"content_index": 0, "item_id": item_id, "logprobs": [],
+                                                  "output_index": 0, "text": text})
+        await event("response.content_part.done", {"content_index": 0, "item_id": item_id, "output_index": 0,
+                                                   "part": {**part, "text": text, "logprobs": None}})
+        await event("response.output_item.done", {"item": item(text, "completed"), "output_index": 0})
+        await event("response.completed", {"response": response("completed", [item(text, "completed")])})
+        await stream.write_eof()
+        return stream
+
+    @staticmethod
     def _completion_logprobs(choice: Choice, start: int = 0, stop: int | None = None,
                              offset: int = 0) -> dict[str, Any]:
         assert choice.logprobs is not None
@@ -1234,11 +1835,17 @@ class Simulator:
         if req.chat:
             out_choices = []
             for c in choices:
+                message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None,
+                                           "annotations": None, "audio": None, "function_call": None,
+                                           "reasoning": None}
+                if c.tool_name is not None:
+                    # vLLM leaves content "" for a named or required call, and None for an auto call.
+                    del message["reasoning"]
+                    message.update(content=None if req.tool_mode == "auto" else "",
+                                   tool_calls=[self._tool_call(c)], reasoning=None)
                 out_choices.append({
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None,
-                                "annotations": None, "audio": None, "function_call": None,
-                                "reasoning": None},
+                    "message": message,
                     "logprobs": (self._chat_logprobs(c, top_k)
                                  if c.logprobs is not None else None),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
@@ -1338,8 +1945,18 @@ class Simulator:
                 usage = (self._stream_usage(req.prompt_tokens[prompt_of[c.index]], generated[c.index])
                          if req.continuous_usage else None)
                 if chat:
+                    delta: dict[str, Any] = {"content": piece}
+                    if c.tool_name is not None:
+                        if position == 0:
+                            # The call opens with its id and name, then its arguments come piece by piece.
+                            opening = {"content": None, "tool_calls": [{
+                                "id": c.tool_call_id, "type": "function", "index": 0,
+                                "function": {"name": c.tool_name}}]}
+                            await send(frame([{"index": c.index, "delta": opening, "logprobs": None,
+                                               "finish_reason": None, "token_ids": None}], None))
+                        delta = {"content": None, "tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
                     out: dict[str, Any] = {
-                        "index": c.index, "delta": {"content": piece},
+                        "index": c.index, "delta": delta,
                         "logprobs": (self._chat_logprobs(c, top_k, position, position + 1)
                                      if c.logprobs is not None else None),
                         "finish_reason": c.finish_reason if last else None,

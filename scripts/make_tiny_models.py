@@ -5,6 +5,8 @@ Each model is a byte-level BPE tokenizer trained on generated text (about 2,000 
 chat template) and a random-weight LlamaConfig (hidden 128, 2 layers, 4 heads, 2 KV heads, 2,048
 positions), written with save_pretrained. Nothing is downloaded. The output is deterministic (fixed
 seeds); the models differ in name and weights, so that swapping between them is a real model swap.
+tiny-llama-a and -b are LlamaForCausalLM (generating models); tiny-llama-embed is the pooling model of
+the tier: the same architecture, served with `--runner pooling` (embeddings, pooling, score, rerank).
 
 Run it with the vLLM venv's Python (it has torch, transformers and tokenizers):
 
@@ -34,8 +36,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 DEFAULT_ROOT = Path(os.environ.get("LLM_GATEWAY_CACHE_DIR", "/var/cache/llm-gateway")) / "models"
 # name -> weight seed. Change RECIPE whenever what is written changes: cached models are rebuilt.
-MODELS = {"tiny-llama-a": 1234, "tiny-llama-b": 5678}
+MODELS = {"tiny-llama-a": 1234, "tiny-llama-b": 5678, "tiny-llama-embed": 4321}
+POOLING_MODELS = frozenset({"tiny-llama-embed"})
 RECIPE = "tiny-llama v1: bpe 2000, hidden 128, layers 2, heads 4/2, positions 2048, float32"
+POOLING_RECIPE = ("tiny-llama-embed v3: LlamaForCausalLM for --runner pooling, bpe 2000, hidden 128, layers 2, "
+                  "heads 4/2, positions 2048")
 STAMP = ".llm-gateway-stamp"
 VOCAB_SIZE = 2000
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -103,12 +108,18 @@ def build_model(directory: Path, name: str, seed: int) -> None:
                          bos_token_id=bos, eos_token_id=eos, pad_token_id=bos, tie_word_embeddings=False,
                          torch_dtype="float32")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    # A wider spread than the default init, so that different prompts and seeds give visibly different text.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5)
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=bos)
-    model.save_pretrained(directory, safe_serialization=True)
+    if name in POOLING_MODELS:
+        # vLLM 0.32 serves a Llama checkpoint as a generating model unless told `--runner pooling`; then it
+        # is an embedding model (last-token pooling, normalised) and ignores the LM head. Its loader wants
+        # LlamaForCausalLM's weight names, so that class writes them.
+        LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    else:
+        model = LlamaForCausalLM(config)
+        # A wider spread than the default init, so that different prompts and seeds give visibly different text.
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 0.5)
+        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=bos)
+        model.save_pretrained(directory, safe_serialization=True)
     (directory / "README.md").write_text(
         f"# {name}\n\nA random-weight test model made by llm-gateway's scripts/make_tiny_models.py "
         f"(seed {seed}). It emits noise; it exists to run a real vLLM server in tests.\n")
@@ -118,7 +129,7 @@ def ensure(root: Path, name: str, seed: int, force: bool) -> Path:
     """The model's directory, built unless a finished one with the same recipe is there."""
     target = root / name
     stamp = target / STAMP
-    want = json.dumps({"recipe": RECIPE, "seed": seed})
+    want = json.dumps({"recipe": POOLING_RECIPE if name in POOLING_MODELS else RECIPE, "seed": seed})
     if not force and stamp.is_file() and stamp.read_text() == want:
         return target
     root.mkdir(parents=True, exist_ok=True)

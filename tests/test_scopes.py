@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from gateway.bootstrap import create_app
+from gateway.http.realtime import ENDPOINTS
 from gateway.keys import Scope
 from tests.conftest import KEYS, TOKENS, wait_ready
 
@@ -31,6 +32,8 @@ async def test_scope_matrix_covers_every_route(aiohttp_client: Any, make_setting
     await wait_ready(client.app)
     routes = all_routes(client.app)
     assert len(routes) >= 5
+    realtime = {path for method, path, scope in routes if scope is Scope.REALTIME}
+    assert {e.path for e in ENDPOINTS} | {"/v1/models", "/v1/models/does-not-exist"} <= realtime
     checked = 0
     for method, path, scope in routes:
         for role, (_key_id, _, scopes) in KEYS.items():

@@ -48,7 +48,9 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REALTIME_MODEL = str(MODELS_DIR / "tiny-llama-a")
 OTHER_MODEL = str(MODELS_DIR / "tiny-llama-b")
 MAX_MODEL_LEN = 1024
-RUNTIME_ARGS = f"--max-model-len {MAX_MODEL_LEN} --dtype float32 --enforce-eager"
+# Auto tool choice with the hermes parser: vLLM 0.32 refuses a named tool_choice without a --tool-call-parser.
+RUNTIME_ARGS = (f"--max-model-len {MAX_MODEL_LEN} --dtype float32 --enforce-eager "
+                "--enable-auto-tool-choice --tool-call-parser hermes")
 # VLLM_SERVER_DEV_MODE=1 exposes /sleep, /wake_up and /is_sleeping (--enable-sleep-mode refuses to start
 # on the CPU); the rest keeps vLLM offline and small.
 RUNTIME_ENV = ("VLLM_CPU_KVCACHE_SPACE=1 VLLM_SERVER_DEV_MODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
@@ -92,7 +94,8 @@ def vllm_command() -> str:
 def check_prerequisites() -> None:
     """Fail (never skip) with what to run when the vLLM venv or the models are missing."""
     missing = [str(p) for p in (VLLM_VENV / "bin" / "python", Path(REALTIME_MODEL) / "config.json",
-                                Path(OTHER_MODEL) / "config.json") if not p.exists()]
+                                Path(OTHER_MODEL) / "config.json", MODELS_DIR / "tiny-llama-embed" / "config.json")
+               if not p.exists()]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run `make test-vllm` (it builds the vLLM venv and the "
                     "tiny models before running these tests)", pytrace=False)

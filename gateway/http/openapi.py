@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.http.appkeys import SETTINGS
 from gateway.http.auth import public
 from gateway.http.errors import json_response
+from gateway.http.realtime import ENDPOINTS, Kind
 
 Schema = dict[str, Any]
 
@@ -93,6 +94,51 @@ _TUS = _header("Tus-Resumable", {"type": "string", "enum": ["1.0.0"]}, required=
 _UPLOAD_ERRORS = (403, 409, 410, 412, 415, 423, 460, 507)
 
 
+def _extra_realtime_paths(realtime_model: str, errors: tuple[int, ...]) -> dict[str, dict[str, Schema]]:
+    """The proxied routes of http/realtime.py's ENDPOINTS beyond completions and chat completions."""
+    model = {"type": "string", "minLength": 1, "example": realtime_model}
+    text_or_list = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1}]}
+    docs = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+    bodies: dict[Kind, Schema] = {
+        Kind.RESPONSES: {"type": "object", "required": ["model", "input"], "properties": {
+            "model": model, "input": text_or_list, "stream": {"type": "boolean"},
+            "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 64}},
+            "example": {"model": realtime_model, "input": "Hello", "max_output_tokens": 4}},
+        Kind.EMBEDDINGS: {"type": "object", "required": ["model", "input"], "properties": {
+            "model": model, "input": text_or_list, "dimensions": {"type": "integer", "minimum": 1},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"]}},
+            "example": {"model": realtime_model, "input": "Hello"}},
+        Kind.POOLING: {"type": "object", "required": ["model", "input"], "properties": {
+            "model": model, "input": text_or_list}, "example": {"model": realtime_model, "input": "Hello"}},
+        Kind.SCORE: {"type": "object", "required": ["model", "queries", "documents"], "properties": {
+            "model": model, "queries": text_or_list, "documents": text_or_list},
+            "example": {"model": realtime_model, "queries": "a question", "documents": ["an answer"]}},
+        Kind.RERANK: {"type": "object", "required": ["model", "query", "documents"], "properties": {
+            "model": model, "query": {"type": "string"}, "documents": docs,
+            "top_n": {"type": "integer", "minimum": 0}},
+            "example": {"model": realtime_model, "query": "a question", "documents": ["an answer", "other"]}},
+        Kind.TOKENIZE: {"type": "object", "required": ["prompt"], "properties": {
+            "model": model, "prompt": {"type": "string", "minLength": 1}},
+            "example": {"model": realtime_model, "prompt": "Hello world"}},
+        Kind.DETOKENIZE: {"type": "object", "required": ["tokens"], "properties": {
+            "model": model, "tokens": {"type": "array", "minItems": 1,
+                                       "items": {"type": "integer", "minimum": 0, "maximum": 60}}},
+            "example": {"model": realtime_model, "tokens": [1, 2, 3]}},
+    }
+    paths: dict[str, dict[str, Schema]] = {}
+    for endpoint in ENDPOINTS:
+        if endpoint.kind not in bodies:
+            continue
+        ok: dict[int, Any] = {200: {"type": "object"}}
+        if endpoint.streams:
+            ok = {200: {"application/json": {"schema": {"type": "object"}},
+                        "text/event-stream": {"schema": {"type": "string"}}}}
+        paths[endpoint.path] = {"post": _op(
+            f"{endpoint.summary}, proxied to the runtime (404 endpoint_not_supported where the runtime lacks it)",
+            "realtime", ok, errors=errors, body=_json_body(bodies[endpoint.kind]), tag="realtime")}
+    return paths
+
+
 def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
     """The OpenAPI document; `realtime_model` is used in the examples so they hit the served model."""
     model = {"type": "string", "minLength": 1, "example": realtime_model}
@@ -135,6 +181,10 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                                              {200: completion_ok}, errors=realtime_errors,
                                              body=_json_body(chat_req), tag="realtime")},
         "/v1/models": {"get": _op("Models served", "realtime", {200: _LIST}, errors=(502, 504), tag="realtime")},
+        "/v1/models/{model}": {"get": _op("One model card (ids may contain '/'; aliases too)", "realtime",
+                                          {200: _obj("id", "object", id={"type": "string"})},
+                                          errors=(502, 504), params=(_path_param("model"),), tag="realtime")},
+        **_extra_realtime_paths(realtime_model, realtime_errors),
         "/v1/batch/completions": {"post": _op("Queue a completion job", "batch", {202: job}, errors=(409,),
                                               body=_json_body(batch_completion_req), tag="batch")},
         "/v1/batch/chat/completions": {"post": _op("Queue a chat completion job", "batch", {202: job},
@@ -271,7 +321,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "code", "param"], "properties": {
                         "message": {"type": "string"}, "type": {"type": "string"},
-                        "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}}}}},
+                        # A runtime's own 4xx is passed through: vLLM puts the HTTP status, an integer, in code.
+                        "code": {"type": ["string", "integer", "null"]}, "param": {"type": ["string", "null"]}}}}},
                 "Completion": _obj("object", "choices", id={"type": "string"}, object={"type": "string"},
                                    choices={"type": "array"}, usage={"type": ["object", "null"]}),
                 "Job": _obj("id", "object", "status", "model", "status_url", id={"type": "string"},

@@ -1,14 +1,18 @@
-"""The realtime OpenAI proxy: /v1/completions, /v1/chat/completions and /v1/models.
+"""The realtime OpenAI proxy: completions, chat, responses, embeddings, vLLM's extra endpoints, models.
 
-The hot path parses the body once with orjson, checks the model, reads the supervisor's snapshot (no
-I/O), forwards the bytes over the pooled upstream session, relays the answer (SSE event by event), and
-hands one usage event to the accountant without awaiting it.
+Every proxied POST is a row of ENDPOINTS and goes through one path (`_proxy`): it parses the body once
+with orjson, checks the model, reads the supervisor's snapshot (no I/O), forwards the bytes over the
+pooled upstream session, relays the answer (SSE event by event), and hands one usage event to the
+accountant without awaiting it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
@@ -21,6 +25,7 @@ from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState
 from gateway.actors.usage import UsageEvent
 from gateway.batch.coserve import REALTIME_PRIORITY
 from gateway.errors import ApiError, bad_request
+from gateway.flavours import flavour_for
 from gateway.http.appkeys import (
     ACCOUNTANT,
     ACTIVITY,
@@ -42,6 +47,7 @@ log = structlog.get_logger(component="realtime")
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_RESPONSES_ENDS = frozenset({b"response.completed", b"response.incomplete", b"response.failed"})
 # One SSE event is held until its end ("\n\n") so usage can be read from it; a runtime that never ends
 # an event must not make the gateway buffer without limit (real events are a few KiB, logprobs included).
 SSE_EVENT_MAX = 1024 * 1024
@@ -50,6 +56,49 @@ SSE_EVENT_MAX = 1024 * 1024
 _CLIENT_BUFFER_HIGH = 256 * 1024
 _CLIENT_BUFFER_LOW = 64 * 1024
 _DRAIN_POLL = 0.005
+
+
+class Kind(enum.Enum):
+    """What a proxied endpoint takes and answers: it selects the input check and the stream format."""
+
+    COMPLETION = "completion"
+    CHAT = "chat"
+    RESPONSES = "responses"  # OpenAI's Responses API: named SSE events, no [DONE], usage in response.completed
+    EMBEDDINGS = "embeddings"
+    POOLING = "pooling"
+    SCORE = "score"
+    RERANK = "rerank"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One proxied POST route: the same path on the gateway and on the runtime."""
+
+    path: str
+    kind: Kind
+    summary: str
+    streams: bool = False  # the request may ask for an SSE stream
+    priority: bool = True  # the runtime's request model has vLLM's `priority` field
+    model_required: bool = True  # the runtime takes a request without `model` (its default model)
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("/v1/completions", Kind.COMPLETION, "Completion (OpenAI)", streams=True),
+    Endpoint("/v1/chat/completions", Kind.CHAT, "Chat completion (OpenAI)", streams=True),
+    Endpoint("/v1/responses", Kind.RESPONSES, "Response (OpenAI Responses API)", streams=True),
+    Endpoint("/v1/embeddings", Kind.EMBEDDINGS, "Embeddings (OpenAI)"),
+    Endpoint("/pooling", Kind.POOLING, "Pooling (vLLM)"),
+    Endpoint("/score", Kind.SCORE, "Score (vLLM)"),
+    Endpoint("/v1/score", Kind.SCORE, "Score (vLLM)"),
+    Endpoint("/rerank", Kind.RERANK, "Rerank (Jina/Cohere style, vLLM)"),
+    Endpoint("/v1/rerank", Kind.RERANK, "Rerank (Jina/Cohere style, vLLM)"),
+    Endpoint("/v2/rerank", Kind.RERANK, "Rerank (Cohere v2 style, vLLM)"),
+    Endpoint("/tokenize", Kind.TOKENIZE, "Tokenize (vLLM)", priority=False, model_required=False),
+    Endpoint("/detokenize", Kind.DETOKENIZE, "Detokenize (vLLM)", priority=False, model_required=False),
+)
+"""Every proxied POST route. http/openapi.py describes each one from this table."""
 
 
 class _EventTooLarge(Exception):
@@ -63,17 +112,71 @@ def _check_int(data: dict[str, Any], name: str, minimum: int) -> None:
                           param=name)
 
 
+def _served_model(model: str, settings: Settings) -> bool:
+    """Whether `model` names the realtime model (an alias counts); the 404 otherwise."""
+    if model == settings.realtime_model:
+        return False
+    if model not in settings.aliases:
+        served = ", ".join([settings.realtime_model, *sorted(settings.aliases)])
+        raise ApiError(404, f"The model '{model}' is not served here; use one of: {served}.",
+                       code="model_not_found", param="model")
+    return True
+
+
+def _non_empty(data: dict[str, Any], names: tuple[str, ...], what: str) -> None:
+    """At least one of `names` holds a non-empty string or array (else a 400 naming the first)."""
+    for name in names:
+        value = data.get(name)
+        if (isinstance(value, str) and value) or (isinstance(value, list) and value):
+            return
+    raise bad_request(f"'{names[0]}' is required: {what}.", param=names[0])
+
+
+# The input each non-generating kind cannot do without; the runtime checks the details.
+_INPUTS: dict[Kind, tuple[tuple[str, ...], str]] = {
+    Kind.RESPONSES: (("input",), "a string, or a non-empty array of input items"),
+    Kind.EMBEDDINGS: (("input", "messages"), "a string, or a non-empty array of strings or token ids"),
+    Kind.POOLING: (("input", "messages"), "a string, or a non-empty array of strings or token ids"),
+    # vLLM's score takes queries/documents (or items), data_1/data_2 or text_1/text_2; SGLang's query/items.
+    Kind.SCORE: (("queries", "text_1", "data_1", "query"), "the queries to score against 'documents'"),
+    Kind.RERANK: (("documents",), "a non-empty array of documents to rank against 'query'"),
+    Kind.TOKENIZE: (("prompt", "messages"), "a string, or a non-empty array of chat messages"),
+    Kind.DETOKENIZE: (("tokens",), "a non-empty array of token ids"),
+}
+
+
+def validate_endpoint_request(data: dict[str, Any], endpoint: Endpoint,
+                              settings: Settings) -> tuple[bool, bool]:
+    """validate_request for any row of ENDPOINTS; return (changed, stream)."""
+    if endpoint.kind in (Kind.CHAT, Kind.COMPLETION):
+        return validate_request(data, chat=endpoint.kind is Kind.CHAT, settings=settings)
+    changed = False
+    if "model" in data or endpoint.model_required:
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("'model' is required and must be a string.", param="model")
+        if _served_model(model, settings):
+            data["model"] = settings.realtime_model
+            changed = True
+    names, what = _INPUTS[endpoint.kind]
+    _non_empty(data, names, what)
+    if endpoint.kind is Kind.RERANK and not isinstance(data.get("query"), str):
+        raise bad_request("'query' is required: the text the documents are ranked against.", param="query")
+    stream = data.get("stream", False) if endpoint.streams else False
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be true or false.", param="stream")
+    return changed, stream
+
+
 def validate_request(data: dict[str, Any], *, chat: bool, settings: Settings) -> tuple[bool, bool]:
     """Check what the gateway itself relies on; return (changed, stream). The runtime checks the rest."""
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a string.", param="model")
     changed = False
-    if model != settings.realtime_model:
-        if model not in settings.aliases:
-            served = ", ".join([settings.realtime_model, *sorted(settings.aliases)])
-            raise ApiError(404, f"The model '{model}' is not served here; use one of: {served}.",
-                           code="model_not_found", param="model")
+    if _served_model(model, settings):
         data["model"] = settings.realtime_model
         changed = True
     if chat:
@@ -138,31 +241,42 @@ def _usage_of(obj: Any) -> tuple[int, int]:
     usage = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(usage, dict):
         return 0, 0
+    if "input_tokens" in usage:  # the Responses API's names
+        return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
-async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
+def _not_supported(settings: Settings, path: str) -> ApiError:
+    return ApiError(404, f"The {settings.runtime_type} runtime (RUNTIME_TYPE) has no {path} endpoint; "
+                    "this gateway cannot serve it.", code="endpoint_not_supported")
+
+
+async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
+    path = endpoint.path
+    if not flavour_for(settings.runtime_type).serves(path):
+        raise _not_supported(settings, path)
     body = await request.read()
     data = parse_json_object(body)
-    changed, stream = validate_request(data, chat=chat, settings=settings)
+    changed, stream = validate_endpoint_request(data, endpoint, settings)
+    kind = endpoint.kind
     client_wants_usage = False
-    if stream:
+    if stream and kind is not Kind.RESPONSES:  # a responses stream always ends with its usage
         options = cast("dict[str, object]", data.get("stream_options") or {})  # an object: validate_request
         client_wants_usage = bool(options.get("include_usage"))
         if not client_wants_usage:
             data["stream_options"] = {**options, "include_usage": True}
             changed = True
     splice_priority = False
-    if settings.priority_scheduling:
+    if endpoint.priority and settings.priority_scheduling:
         # The runtime's priority scheduler puts realtime first; a client cannot choose its own priority.
         if "priority" in data:
             data["priority"] = REALTIME_PRIORITY
             changed = True
         else:
             splice_priority = True
-    elif "priority" in data:
+    elif endpoint.priority and "priority" in data:
         del data["priority"]  # without priority scheduling the runtime would refuse a non-zero value
         changed = True
     if changed:
@@ -189,7 +303,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                                                     until="headers" if stream else "body")
         if stream and upstream.status == 200:
             response, ok, prompt_tokens, completion_tokens = await _relay_stream(
-                request, upstream, started, path, client_wants_usage)
+                request, upstream, started, path, client_wants_usage, responses=kind is Kind.RESPONSES)
             return response
         payload = await upstream.read()
         metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
@@ -203,6 +317,11 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                 prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
             except orjson.JSONDecodeError:
                 pass
+        elif upstream.status == 404 and _route_missing(payload):
+            raise ApiError(404, f"The {settings.runtime_type} runtime does not serve {path} for the model "
+                           f"'{settings.realtime_model}' (vLLM serves embeddings, pooling, score and rerank only "
+                           "for a pooling model, and generation only for a generating one).",
+                           code="endpoint_not_supported")
         else:
             payload = openai_error_payload(upstream.status, payload)
         return web.Response(status=upstream.status, body=payload,
@@ -239,6 +358,14 @@ def openai_error_payload(status: int, payload: bytes) -> bytes:
     return error_body(message, type=kind, code=str(status), param=param)
 
 
+def _route_missing(payload: bytes) -> bool:
+    """A runtime's 404 for a route it does not have (FastAPI's), not one for a missing model."""
+    try:
+        return bool(orjson.loads(payload) == {"detail": "Not Found"})
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _upstream_message(payload: bytes) -> str:
     try:
         obj = orjson.loads(payload)
@@ -264,10 +391,10 @@ class _SseRelay:
     """
 
     __slots__ = ("protocol", "transport", "upstream", "chunked", "wants_usage", "started", "path", "buffer", "first",
-                 "done", "prompt_tokens", "completion_tokens", "paused", "first_at", "last_at", "chunks")
+                 "done", "prompt_tokens", "completion_tokens", "paused", "first_at", "last_at", "chunks", "responses")
 
     def __init__(self, request: web.Request, transport: asyncio.Transport, upstream: Exchange, *, chunked: bool,
-                 wants_usage: bool, started: float, path: str) -> None:
+                 wants_usage: bool, started: float, path: str, responses: bool = False) -> None:
         self.protocol = request.protocol  # its transport becomes None when the client connection is lost
         self.transport, self.upstream, self.chunked = transport, upstream, chunked
         self.wants_usage, self.started, self.path = wants_usage, started, path
@@ -278,9 +405,13 @@ class _SseRelay:
         self.paused = False
         self.first_at = self.last_at = 0.0
         self.chunks = 0
+        self.responses = responses
 
     def __call__(self, chunk: bytes) -> None:
         now = time.perf_counter()
+        if self.responses:
+            self._responses_chunk(chunk, now)
+            return
         if self.first:
             self.first_at = now
             metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
@@ -314,6 +445,48 @@ class _SseRelay:
             chunk = b"".join(out)
             if not chunk:
                 return
+        self._write(chunk)
+
+    def _responses_chunk(self, chunk: bytes, now: float) -> None:
+        """A Responses API stream: named events (`event: NAME` then `data: JSON`), no [DONE].
+
+        It ends with response.completed (which carries the usage), response.incomplete or response.failed.
+        The first output delta is the first token (response.created comes before any generation).
+        """
+        if self.buffer:
+            chunk, self.buffer = self.buffer + chunk, b""
+        cut = chunk.rfind(b"\n\n")
+        if cut < 0:
+            if len(chunk) > SSE_EVENT_MAX:
+                raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
+            self.buffer = chunk
+            return
+        chunk, self.buffer = chunk[: cut + 2], chunk[cut + 2:]
+        for event in chunk.split(b"\n\n"):
+            name = event[7:event.find(b"\n")] if event.startswith(b"event: ") else b""
+            if name.endswith(b".delta"):
+                if self.first:
+                    self.first_at = now
+                    metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
+                    self.first = False
+                self.last_at = now
+                self.chunks += 1
+            elif name in _RESPONSES_ENDS:
+                self.done = True
+                at = event.find(b"\ndata: ")
+                if at >= 0 and any(m in event for m in _USAGE_MARKERS):
+                    obj = orjson.loads(event[at + 7:])
+                    inner = obj.get("response") if isinstance(obj, dict) else None
+                    self.prompt_tokens, self.completion_tokens = _usage_of(inner)
+        self._write(chunk)
+
+    def token_times(self) -> tuple[float, float | None]:
+        """Time to first token and, with two tokens or more, the mean gap between tokens after it."""
+        # Chat and completion streams: the usage and [DONE] chunks are not tokens.
+        tokens = self.chunks - 1 if self.responses else self.chunks - 2
+        return self.first_at - self.started, ((self.last_at - self.first_at) / tokens if tokens >= 2 else None)
+
+    def _write(self, chunk: bytes) -> None:
         transport = self.transport
         if self.protocol.transport is None or transport.is_closing():
             raise _ClientGone
@@ -335,7 +508,8 @@ class _SseRelay:
 
 
 async def _relay_stream(request: web.Request, upstream: Exchange, started: float, path: str,
-                        client_wants_usage: bool) -> tuple[web.StreamResponse, bool, int, int]:
+                        client_wants_usage: bool, *, responses: bool = False,
+                        ) -> tuple[web.StreamResponse, bool, int, int]:
     """Relay SSE events as they come (see _SseRelay).
 
     Returns the (already sent) response, whether the stream completed, and the token counts.
@@ -354,7 +528,7 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
         upstream.abort()
         return response, False, 0, 0
     relay = _SseRelay(request, transport, upstream, chunked=chunked, wants_usage=client_wants_usage, started=started,
-                      path=path)
+                      path=path, responses=responses)
     try:
         await upstream.relay(relay)
     except _ClientGone:
@@ -368,13 +542,13 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
                    else f"The runtime sent an event over {SSE_EVENT_MAX} bytes; the stream was cut."
                    if isinstance(exc, _EventTooLarge)
                    else "The runtime broke off the stream (it may have crashed); the answer is incomplete.")
-        await _end_with_error(response, message, f"upstream_{kind}")
+        await _end_with_error(response, message, f"upstream_{kind}", responses=responses)
         return response, False, relay.prompt_tokens, relay.completion_tokens
     if not relay.done:
         # The runtime closed the stream cleanly but without [DONE]: tell the client it is incomplete.
         metrics.UPSTREAM_ERRORS.labels("stream_truncated").inc()
         await _end_with_error(response, "The runtime ended the stream early; the answer is incomplete.",
-                              "upstream_stream_broken")
+                              "upstream_stream_broken", responses=responses)
         return response, False, relay.prompt_tokens, relay.completion_tokens
     try:
         await response.write_eof()
@@ -382,37 +556,39 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
         pass
     # What co-serving is judged by: time to first token, and the mean gap between the chunks after it
     # (the usage and [DONE] chunks excluded).
-    tokens = relay.chunks - 2
-    request.app[ACTIVITY].record_stream(relay.first_at - started, (relay.last_at - relay.first_at) / tokens
-                                        if tokens >= 2 else None)
+    if relay.chunks:
+        request.app[ACTIVITY].record_stream(*relay.token_times())
     return response, True, relay.prompt_tokens, relay.completion_tokens
 
 
-async def _end_with_error(response: web.StreamResponse, message: str, code: str) -> None:
-    """End a stream with an OpenAI-shaped error event and [DONE] (unless the client has left)."""
+async def _end_with_error(response: web.StreamResponse, message: str, code: str, *, responses: bool = False) -> None:
+    """End a stream with an OpenAI-shaped error event and [DONE] (unless the client has left).
+
+    A Responses API stream has no [DONE]: it ends with an `error` event, which the SDKs raise.
+    """
+    error = error_body(message, type="server_error", code=code)
     try:
-        await response.write(b"data: " + error_body(message, type="server_error", code=code)
-                             + b"\n\ndata: [DONE]\n\n")
+        await response.write(b"event: error\ndata: " + error + b"\n\n" if responses
+                             else b"data: " + error + b"\n\ndata: [DONE]\n\n")
         await response.write_eof()
     except (ConnectionResetError, RuntimeError):
         pass
 
 
-@requires_scope(Scope.REALTIME)
-async def completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/completions."""
-    return await _proxy(request, "/v1/completions", chat=False)
+def _proxy_handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The realtime-scoped handler of one row of ENDPOINTS."""
+
+    @requires_scope(Scope.REALTIME)
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _proxy(request, endpoint)
+
+    handler.__doc__ = f"POST {endpoint.path}: {endpoint.summary}, proxied to the runtime."
+    handler.__name__ = handler.__qualname__ = "proxy_" + endpoint.path.strip("/").replace("/", "_")
+    return handler
 
 
-@requires_scope(Scope.REALTIME)
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions."""
-    return await _proxy(request, "/v1/chat/completions", chat=True)
-
-
-@requires_scope(Scope.REALTIME)
-async def models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models: the runtime's list, plus the configured aliases of the realtime model."""
+async def _model_listing(request: web.Request) -> dict[str, Any]:
+    """The runtime's /v1/models listing plus the configured aliases of the realtime model."""
     app = request.app
     settings = app[SETTINGS]
     snap = app[SUPERVISOR].snapshot
@@ -434,18 +610,46 @@ async def models(request: web.Request) -> web.StreamResponse:
     except (aiohttp.ClientError, OSError) as exc:
         raise _upstream_error("connection", exc) from None
     listing = orjson.loads(payload)
-    entries = listing.get("data") or []
+    if not isinstance(listing, dict):
+        raise ApiError(502, "The runtime answered /v1/models with something other than a listing.",
+                       type="server_error", code="upstream_error")
+    entries = [m for m in listing.get("data") or [] if isinstance(m, dict)]
     base = next((m for m in entries if m.get("id") == settings.realtime_model), None)
     for alias in sorted(settings.aliases):
         if not any(m.get("id") == alias for m in entries):
             entries.append({**(base or {"object": "model", "owned_by": "llm-gateway"}), "id": alias,
                             "root": settings.realtime_model})
     listing["data"] = entries
-    return web.Response(body=orjson.dumps(listing), content_type="application/json")
+    return listing
+
+
+@requires_scope(Scope.REALTIME)
+async def models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models: the runtime's list, plus the configured aliases of the realtime model."""
+    return web.Response(body=orjson.dumps(await _model_listing(request)), content_type="application/json")
+
+
+@requires_scope(Scope.REALTIME)
+async def model(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models/{id}: one model card; ids may contain '/' (e.g. org/name), aliases included.
+
+    Neither vLLM nor SGLang is asked for the one model (vLLM has no such route): the card is the one
+    GET /v1/models lists.
+    """
+    model_id = request.match_info["model"]
+    for entry in (await _model_listing(request))["data"]:
+        if entry.get("id") == model_id:
+            return web.Response(body=orjson.dumps(entry), content_type="application/json")
+    settings = request.app[SETTINGS]
+    served = ", ".join([settings.realtime_model, *sorted(settings.aliases)])
+    raise ApiError(404, f"The model '{model_id}' is not served here; use one of: {served}.",
+                   code="model_not_found", param="model")
 
 
 def setup(app: web.Application) -> None:
-    """Add the realtime routes."""
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    """Add the realtime routes: every row of ENDPOINTS, and the model listing and cards."""
+    for endpoint in ENDPOINTS:
+        app.router.add_post(endpoint.path, _proxy_handler(endpoint))
     app.router.add_get("/v1/models", models)
+    # {model:.+} lets an id contain '/'.
+    app.router.add_get("/v1/models/{model:.+}", model)
