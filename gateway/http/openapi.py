@@ -229,6 +229,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                                      tag="monitor")},
         "/monitor/runtime": {"get": _op("Runtime state and history", "monitor", {200: {"type": "object"}},
                                         tag="monitor")},
+        "/monitor/nodes": {"get": _op("The fleet's node registry and swap slots", "monitor", {200: _LIST},
+                                      tag="monitor")},
         "/monitor/runtime/crash_logs/{name}": {"get": _op("One crash log", "monitor", {200: {"type": "object"}},
                                                           params=(_path_param("name"),), tag="monitor")},
         "/dashboard/login": {
