@@ -46,6 +46,7 @@ class NodeRegistry(Service):
         """True when UPLOAD_DIR is the fleet's shared directory; None until Redis could be asked."""
         self.upload_dir_problem = ""
         self.heartbeats = 0
+        self._last_check = float("-inf")
 
     async def start(self) -> None:
         """Check UPLOAD_DIR and write the first entry before requests arrive, then keep it fresh."""
@@ -73,6 +74,13 @@ class NodeRegistry(Service):
             await self.store.remove(self.node_id)
         except (RedisError, OSError) as exc:
             self.log.warning("node_deregister_failed", error=str(exc))
+
+    async def check_upload_dir_quietly(self) -> None:
+        """Check UPLOAD_DIR now if it was not yet (at most every 5 s); a Redis failure leaves it None."""
+        if self.uploads_shared is None and time.monotonic() - self._last_check >= 5.0:
+            self._last_check = time.monotonic()
+            with contextlib.suppress(RedisError, OSError):
+                await self._check_upload_dir()
 
     async def _check_upload_dir(self) -> None:
         check = await check_upload_dir(self.store, self.settings.upload_dir)

@@ -23,11 +23,11 @@ def requires_shared_uploads(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> Any:
         registry = request.app.get(NODE_REGISTRY)
-        if registry is not None and registry.uploads_shared is not True:
-            if registry.uploads_shared is None:
-                raise ApiError(503, "This node could not yet check that its UPLOAD_DIR is the fleet's shared "
-                               "upload directory (Redis was unreachable); try again shortly.",
-                               type="server_error", code="upload_dir_unchecked", headers={"Retry-After": "5"})
+        if registry is not None and registry.uploads_shared is None:
+            # Redis was away at start-up: check now. While it stays away the handler runs as on a single
+            # node (files are on local disk; whatever needs Redis answers 503 redis_unavailable).
+            await registry.check_upload_dir_quietly()
+        if registry is not None and registry.uploads_shared is False:
             raise ApiError(503, registry.upload_dir_problem, type="server_error", code="upload_dir_not_shared")
         return await handler(request)
 

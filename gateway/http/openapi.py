@@ -251,6 +251,7 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "/dashboard/evals": {"get": _op("Evals page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
         "/dashboard/keys": {"get": _op("Keys page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
         "/dashboard/runtime": {"get": _op("Runtime page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
+        "/dashboard/fleet": {"get": _op("Fleet page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
         "/dashboard/runtime/crash_logs/{name}": {"get": _op("Crash log page", "monitor", {200: "html", 302: "empty"},
                                                             params=(_path_param("name"),), tag="dashboard")},
         "/dashboard/static/{name}": {"get": _op("Dashboard CSS/JS", None, {200: {
