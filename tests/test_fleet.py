@@ -206,14 +206,17 @@ async def test_small_queue_makes_one_node_swap_not_all(fleet: Any, make_settings
     """Ten jobs for another model (FLEET_SWAP_MIN_JOBS=20): one node swaps once the oldest has waited
     FLEET_SWAP_MAX_WAIT_SECONDS; the others leave the model to it and say why the jobs wait."""
     clients = [await fleet(swap_node(make_settings, tmp_path, f"n{i}", fleet_swap_min_jobs=20,
-                                     fleet_swap_max_wait_seconds=1.0)) for i in range(3)]
+                                     fleet_swap_max_wait_seconds=4.0)) for i in range(3)]
     await eventually(lambda: registry_size(clients[0], 3), timeout=10)
     ids = await submit(clients[0], OTHER, 10)
-    # Before the wait runs out no node swaps, and the queued jobs say so.
-    await asyncio.sleep(0.5)
+
+    async def not_worth() -> bool:
+        heads = await clients[0].app[DISPATCHER].queue.ready_heads()
+        return clients[0].app[DISPATCHER].waiting_reason(OTHER, heads)["code"] == "swap_not_worth"
+
+    # Before the wait runs out no node swaps, and the queued jobs say why.
+    await eventually(not_worth, timeout=10, interval=0.05)
     assert all(c.app[DISPATCHER].swap_slot_model is None for c in clients)
-    heads = await clients[0].app[DISPATCHER].queue.ready_heads()
-    assert clients[0].app[DISPATCHER].waiting_reason(OTHER, heads)["code"] == "swap_not_worth"
     await eventually(lambda: any(c.app[DISPATCHER].status().group == OTHER for c in clients), timeout=30)
     swapped = [c for c in clients if c.app[DISPATCHER].status().group == OTHER]
     assert len(swapped) == 1
