@@ -379,3 +379,23 @@ async def test_upload_dir_not_shared_is_a_503(fleet: Any, make_settings: Any, tm
 
 async def batch_done(client: Any, batch_id: str) -> bool:
     return (await batch_status(client, batch_id))["status"] == "completed"
+
+
+# --- failover: a restarted gateway stops what a killed one left running
+async def test_restart_stops_a_leftover_batch_runtime(fleet: Any, make_settings: Any, tmp_path: Path) -> None:
+    """Sleep mode starts a second runtime for batch groups; one left by a gateway killed mid-group is
+    stopped when the next gateway starts, not only at its next swap."""
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    try:
+        argv = [a.decode() for a in Path(f"/proc/{leftover.pid}/cmdline").read_bytes().split(b"\0") if a]
+        pid_file = tmp_path / "runtime.pid"
+        Path(f"{pid_file}.batch").write_bytes(orjson.dumps({"pid": leftover.pid, "argv": argv, "model": OTHER}))
+        client = await fleet(make_settings(runtime_backend="process", runtime_url="", runtime_pid_file=str(pid_file),
+                                           runtime_sleep_mode=True, runtime_stop_timeout=2))
+        assert client.app[DISPATCHER].sleep_mode
+        assert await asyncio.to_thread(leftover.wait, 30) is not None
+        assert not Path(f"{pid_file}.batch").exists()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()

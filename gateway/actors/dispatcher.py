@@ -25,6 +25,7 @@ from gateway.activity import RealtimeActivity
 from gateway.actors.base import Actor
 from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupervisor
 from gateway.actors.usage import UsageEvent
+from gateway.backends import make_backend
 from gateway.batch.coserve import (
     AdmissionController,
     ControllerConfig,
@@ -157,6 +158,18 @@ class BatchDispatcher(Actor):
             runtime, self._batch_runtime = self._batch_runtime, None
             await runtime.stop(timeout=self.settings.runtime_stop_timeout + 15)
         await self._release_swap_slot()
+
+    async def start(self) -> None:
+        """Stop a batch runtime a killed gateway left behind (sleep mode), then start the loop."""
+        if self.sleep_mode:
+            backend = make_backend(self._batch_settings(self.settings.realtime_model))
+            try:
+                await backend.remove_leftover()
+            except Exception as exc:  # the next swap's start removes it too; do not block start-up
+                self.log.warning("batch_runtime_leftover_not_removed", error=str(exc))
+            finally:
+                await backend.close()
+        await super().start()
 
     # --- run loop
     async def run(self) -> None:
