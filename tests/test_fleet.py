@@ -399,3 +399,31 @@ async def test_restart_stops_a_leftover_batch_runtime(fleet: Any, make_settings:
         if leftover.poll() is None:
             leftover.kill()
             leftover.wait()
+
+
+async def test_a_batch_created_on_one_node_is_driven_by_another(fleet: Any, make_settings: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node that drives a batch need not be the one its file was uploaded to: the input is read from
+    the shared directory (not failed as input_file_missing), and files of either node list on both."""
+    shared = tmp_path / "shared-uploads"
+    b = await fleet(make_settings(node_id="b", upload_dir=str(shared), fleet_lease_seconds=1.5))
+    a = await fleet(make_settings(node_id="a", upload_dir=str(shared), fleet_lease_seconds=1.5,
+                                  batch_dispatcher_enabled=False))
+
+    async def never_mine(*_: Any) -> str:  # a's manager always finds the batch owned by someone else
+        return "taken"
+
+    monkeypatch.setattr(a.app[BATCH_MANAGER].records, "take_owner", never_mine)
+    batch_id = await create_batch(a, 5)  # uploaded through a, after b started
+
+    async def completed() -> Any:
+        body = await batch_status(a, batch_id)
+        return body if body["status"] in ("completed", "failed") else None
+
+    done = await eventually(completed, timeout=60, interval=0.1)
+    assert done["status"] == "completed", done["errors"]
+    assert done["request_counts"]["completed"] == 5
+    for client in (a, b):
+        listed = await (await client.get("/v1/files", headers=auth("batch"))).json()
+        ids = {f["id"] for f in listed["data"]}
+        assert {done["input_file_id"], done["output_file_id"]} <= ids

@@ -329,8 +329,24 @@ class UploadStore:
                 and info.expires_at <= self.clock())
 
     def list_for_key(self, key_id: str) -> list[UploadInfo]:
-        """The uploads a key owns, oldest first."""
+        """The uploads a key owns, oldest first (with the finished files other nodes wrote or removed
+        on a shared directory since this process looked)."""
+        self._sync_shared()
         return sorted((i for i in self._index.values() if i.key_id == key_id), key=lambda i: i.created_at)
+
+    def _sync_shared(self) -> None:
+        """One pass over the directory: adopt finished files this process has not seen, drop finished
+        ones whose info file is gone (one scandir; an info file is read only for a new id)."""
+        try:
+            on_disk = {entry.name[:-5] for entry in os.scandir(self.directory) if entry.name.endswith(".json")}
+        except OSError:
+            return
+        for upload_id in [u for u, i in self._index.items() if i.finished and u not in on_disk
+                          and u not in self._busy]:
+            self._set(upload_id, None)
+        for upload_id in on_disk - self._index.keys():
+            if valid_upload_id(upload_id):
+                self._shared_view(upload_id)
 
     def usage(self, key_id: str) -> int:
         """Bytes counted against the key's quota (including those reserved by writes in progress)."""
