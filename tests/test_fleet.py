@@ -427,3 +427,40 @@ async def test_a_batch_created_on_one_node_is_driven_by_another(fleet: Any, make
         listed = await (await client.get("/v1/files", headers=auth("batch"))).json()
         ids = {f["id"] for f in listed["data"]}
         assert {done["input_file_id"], done["output_file_id"]} <= ids
+
+
+async def test_an_owner_that_loses_the_lease_while_finalizing_leaves_no_file(
+        fleet: Any, make_settings: Any, tmp_path: Path, redis: aredis.Redis, redis_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another node takes the batch while this one writes its files: the final status change is refused,
+    this node's files are removed, and the batch ends with the one set the new owner writes."""
+    shared = tmp_path / "shared-uploads"
+    a = await fleet(make_settings(node_id="a", upload_dir=str(shared), fleet_lease_seconds=1.5))
+    manager = a.app[BATCH_MANAGER]
+    records = manager.records
+    key = RedisKeys(redis_prefix).openai_batch
+    real = records.transition_owned
+    stolen: list[str] = []
+
+    async def steal_then_transition(batch_id: str, owner: str, allowed: Any, fields: dict[str, str]) -> str:
+        if "output_file_id" in fields and not stolen:
+            # Another node took the lease after this one wrote its files (its lease "ran out").
+            stolen.append(fields["output_file_id"])
+            await redis.hset(key(batch_id), mapping={"owner": "thief", "owner_until": "99999999999999"})
+        return await real(batch_id, owner, allowed, fields)
+
+    monkeypatch.setattr(records, "transition_owned", steal_then_transition)
+    batch_id = await create_batch(a, 6)
+    await eventually(lambda: bool(stolen), timeout=60)
+    await eventually(lambda: output_files_of(shared, batch_id) == [], timeout=10)
+    assert (await batch_status(a, batch_id))["status"] == "finalizing"
+    # The "thief" dies too: its lease runs out and the batch is finished, once.
+    await redis.hset(key(batch_id), mapping={"owner_until": "0"})
+
+    async def completed() -> Any:
+        body = await batch_status(a, batch_id)
+        return body if body["status"] == "completed" else None
+
+    done = await eventually(completed, timeout=30, interval=0.1)
+    assert done["output_file_id"] != stolen[0]
+    assert output_files_of(shared, batch_id) == [done["output_file_id"].removeprefix("file-")]
