@@ -22,6 +22,7 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from redis import asyncio as aredis
 
+from gateway import metrics
 from gateway.bootstrap import create_app
 from gateway.fleet.store import FleetStore
 from gateway.http.appkeys import BATCH_MANAGER, DISPATCHER, NODE_REGISTRY
@@ -198,6 +199,12 @@ async def test_swap_slots_limit_swaps_across_three_nodes(fleet: Any, make_settin
     assert swaps and all(s["error"] is None for s in swaps)
 
 
+def refusals(outcome: str) -> float:
+    """This process's llm_gateway_fleet_swap_slot_requests_total{outcome} (all nodes of the test count)."""
+    return metrics.REGISTRY.get_sample_value("llm_gateway_fleet_swap_slot_requests_total",
+                                             {"outcome": outcome}) or 0.0
+
+
 async def registry_size(client: Any, n: int) -> bool:
     return len(await client.app[NODE_REGISTRY].store.nodes()) == n
 
@@ -208,6 +215,7 @@ async def test_small_queue_makes_one_node_swap_not_all(fleet: Any, make_settings
     clients = [await fleet(swap_node(make_settings, tmp_path, f"n{i}", fleet_swap_min_jobs=20,
                                      fleet_swap_max_wait_seconds=4.0)) for i in range(3)]
     await eventually(lambda: registry_size(clients[0], 3), timeout=10)
+    refused_before = refusals("swap_not_worth")
     ids = await submit(clients[0], OTHER, 10)
 
     async def not_worth() -> bool:
@@ -217,6 +225,7 @@ async def test_small_queue_makes_one_node_swap_not_all(fleet: Any, make_settings
     # Before the wait runs out no node swaps, and the queued jobs say why.
     await eventually(not_worth, timeout=10, interval=0.05)
     assert all(c.app[DISPATCHER].swap_slot_model is None for c in clients)
+    assert refusals("swap_not_worth") > refused_before
     await eventually(lambda: any(c.app[DISPATCHER].status().group == OTHER for c in clients), timeout=30)
     swapped = [c for c in clients if c.app[DISPATCHER].status().group == OTHER]
     assert len(swapped) == 1

@@ -543,6 +543,8 @@ class BatchDispatcher(Actor):
         except (RedisError, OSError) as exc:
             self.log.warning("fleet_swap_slot_error", model=model, error=str(exc))
             return False
+        metrics.FLEET_NODES.set(len(nodes))
+        metrics.FLEET_SWAP_SLOT.labels(answer.reason).inc()
         if answer.granted:
             self.swap_slot_model = model
             self._fleet_refusals.pop(model, None)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from gateway import __version__
+from gateway import __version__, metrics
 from gateway.activity import RealtimeActivity
 from gateway.actors.base import Service
 from gateway.actors.supervisor import RuntimeState, RuntimeSupervisor
@@ -63,6 +63,7 @@ class NodeRegistry(Service):
                     await self._check_upload_dir()
                 await self.store.heartbeat(self.node_id, self.entry(), self.settings.fleet_node_ttl_seconds)
                 self.heartbeats += 1
+                metrics.FLEET_NODES.set(await self.store.node_count())
             except (RedisError, OSError) as exc:  # the entry expires meanwhile; the next beat writes it again
                 self.log.warning("node_heartbeat_failed", error=str(exc))
             if await self.pause(self.settings.fleet_heartbeat_seconds):

@@ -124,6 +124,11 @@ class FleetStore:
         await self.redis.zrem(self.keys.fleet_nodes, node_id)
         await self.redis.delete(self.keys.fleet_node(node_id))
 
+    async def node_count(self) -> int:
+        """Nodes whose entry has not expired (from the index alone: one command)."""
+        now_s, now_us = await self.redis.time()
+        return int(await self.redis.zcount(self.keys.fleet_nodes, int(now_s) * 1000 + int(now_us) // 1000, "+inf"))
+
     async def nodes(self) -> list[dict[str, Any]]:
         """The live nodes' entries, by node id. An id whose entry expired is skipped (and dropped)."""
         ids = sorted(_text(x) for x in await self.redis.zrange(self.keys.fleet_nodes, 0, -1))
