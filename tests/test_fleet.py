@@ -139,6 +139,14 @@ async def test_an_entry_expires_without_heartbeats(redis: aredis.Redis, redis_pr
     assert [n["node_id"] for n in await store.nodes()] == ["live-node"]
     # The index forgets it too (listings read the index, never SCAN).
     assert [x.decode() for x in await redis.zrange(f"{redis_prefix}{{fleet}}:nodes", 0, -1)] == ["live-node"]
+    assert await store.node_count() == 1
+
+
+async def test_two_processes_with_one_node_id_are_told_apart(redis: aredis.Redis, redis_prefix: str) -> None:
+    store = FleetStore(redis, RedisKeys(redis_prefix))
+    assert await store.heartbeat("n", {"node_id": "n", "instance": "p1"}, ttl_seconds=30) == ""
+    assert await store.heartbeat("n", {"node_id": "n", "instance": "p1"}, ttl_seconds=30) == ""
+    assert await store.heartbeat("n", {"node_id": "n", "instance": "p2"}, ttl_seconds=30) == "p1"
 
 
 # --- swap slots

@@ -19,6 +19,7 @@ from gateway import __version__, metrics
 from gateway.activity import RealtimeActivity
 from gateway.actors.base import Service
 from gateway.actors.supervisor import RuntimeState, RuntimeSupervisor
+from gateway.batch.queue import instance_id
 from gateway.fleet.shared_dir import check_upload_dir
 from gateway.fleet.store import FleetStore
 from gateway.settings import Settings
@@ -41,6 +42,8 @@ class NodeRegistry(Service):
         self.activity = activity
         self.dispatcher = dispatcher
         self.node_id = settings.node_id
+        self.instance = instance_id()
+        """This process (node ids are per host; two gateways with one NODE_ID are told apart by it)."""
         self.started_at = time.time()
         self.uploads_shared: bool | None = None
         """True when UPLOAD_DIR is the fleet's shared directory; None until Redis could be asked."""
@@ -52,7 +55,7 @@ class NodeRegistry(Service):
         """Check UPLOAD_DIR and write the first entry before requests arrive, then keep it fresh."""
         with contextlib.suppress(RedisError, OSError):
             await self._check_upload_dir()
-            await self.store.heartbeat(self.node_id, self.entry(), self.settings.fleet_node_ttl_seconds)
+            await self._beat()
         await super().start()
 
     async def run(self) -> None:
@@ -61,8 +64,7 @@ class NodeRegistry(Service):
             try:
                 if self.uploads_shared is None:
                     await self._check_upload_dir()
-                await self.store.heartbeat(self.node_id, self.entry(), self.settings.fleet_node_ttl_seconds)
-                self.heartbeats += 1
+                await self._beat()
                 metrics.FLEET_NODES.set(await self.store.node_count())
             except (RedisError, OSError) as exc:  # the entry expires meanwhile; the next beat writes it again
                 self.log.warning("node_heartbeat_failed", error=str(exc))
@@ -75,6 +77,14 @@ class NodeRegistry(Service):
             await self.store.remove(self.node_id)
         except (RedisError, OSError) as exc:
             self.log.warning("node_deregister_failed", error=str(exc))
+
+    async def _beat(self) -> None:
+        other = await self.store.heartbeat(self.node_id, self.entry(), self.settings.fleet_node_ttl_seconds)
+        self.heartbeats += 1
+        if other:
+            # Two processes write one entry and share one swap slot: the fleet's limits no longer hold.
+            self.log.error("node_id_conflict", node_id=self.node_id, other_instance=other,
+                           message="another live gateway uses the same NODE_ID; give each gateway its own")
 
     async def check_upload_dir_quietly(self) -> None:
         """Check UPLOAD_DIR now if it was not yet (at most every 5 s); a Redis failure leaves it None."""
@@ -106,6 +116,7 @@ class NodeRegistry(Service):
         idle = self.activity.idle_for()
         return {
             "node_id": self.node_id,
+            "instance": self.instance,
             "address": self.settings.node_url,
             "version": __version__,
             "started_at": round(self.started_at, 3),

@@ -23,15 +23,24 @@ from redis.asyncio import Redis
 
 from gateway.redis_keys import RedisKeys
 
-# KEYS: node entry, index. ARGV: node id, entry JSON, ttl ms.
+# KEYS: node entry, index. ARGV: node id, entry JSON, ttl ms, instance. Returns the instance of the entry
+# it replaced ('' when none or ours): another live process under the same node id is a misconfiguration.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
+local previous = ''
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, decoded = pcall(cjson.decode, old)
+  if ok and type(decoded) == 'table' and type(decoded['instance']) == 'string' and decoded['instance'] ~= ARGV[4] then
+    previous = decoded['instance']
+  end
+end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-return now
+return previous
 """
 
 # KEYS: slots, slot models. ARGV: node, model, max slots, ttl ms, queued jobs, min jobs, others loaded,
@@ -114,10 +123,16 @@ class FleetStore:
         self._release_slot = redis.register_script(_RELEASE_SLOT)
 
     # --- node registry
-    async def heartbeat(self, node_id: str, entry: dict[str, Any], ttl_seconds: float) -> None:
-        """Write (or refresh) a node's entry; it expires `ttl_seconds` after this call."""
-        await self._heartbeat(keys=[self.keys.fleet_node(node_id), self.keys.fleet_nodes],
-                              args=[node_id, orjson.dumps(entry), max(1, int(ttl_seconds * 1000))])
+    async def heartbeat(self, node_id: str, entry: dict[str, Any], ttl_seconds: float) -> str:
+        """Write (or refresh) a node's entry; it expires `ttl_seconds` after this call.
+
+        Returns the `instance` of a live entry written by another process under the same node id (two
+        gateways sharing a NODE_ID), else ''.
+        """
+        previous = await self._heartbeat(keys=[self.keys.fleet_node(node_id), self.keys.fleet_nodes],
+                                         args=[node_id, orjson.dumps(entry), max(1, int(ttl_seconds * 1000)),
+                                               str(entry.get("instance") or "")])
+        return _text(previous)
 
     async def remove(self, node_id: str) -> None:
         """Take a node out of the registry (a clean stop); the two writes are each harmless alone."""
