@@ -24,10 +24,12 @@ from gateway.actors.dispatcher import BatchDispatcher
 from gateway.actors.evals import EvalRunner
 from gateway.actors.job_feed import JobEventFeed
 from gateway.actors.queue_depth import QueueDepthSampler
+from gateway.actors.registry import NodeRegistry
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.traffic import TrafficSampler
 from gateway.actors.usage import UsageAccountant
 from gateway.batch.queue import JobQueue
+from gateway.fleet.store import FleetStore
 from gateway.http import (
     admin,
     batch,
@@ -35,6 +37,7 @@ from gateway.http import (
     dashboard,
     evals,
     files,
+    fleet,
     middleware,
     monitor,
     openapi,
@@ -49,8 +52,10 @@ from gateway.http.appkeys import (
     BATCH_QUEUE,
     DISPATCHER,
     EVAL_RUNNER,
+    FLEET,
     JOB_FEED,
     KEYRING,
+    NODE_REGISTRY,
     QUEUE_DEPTH_SAMPLER,
     REDIS,
     REDIS_KEYS,
@@ -109,6 +114,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = await redis_client.open_client(settings, socket_timeout=5, socket_connect_timeout=2)
     app[BATCH_QUEUE] = JobQueue(app[REDIS], app[REDIS_KEYS], settings)
     app[USAGE] = UsageStore(app[REDIS], app[REDIS_KEYS], daily_ttl_days=settings.usage_daily_ttl_days)
+    app[FLEET] = FleetStore(app[REDIS], app[REDIS_KEYS])
     yield
     await redis_client.close(app[REDIS])
 
@@ -211,7 +217,11 @@ def create_app(settings: Settings) -> web.Application:
     # Feature components, after the resources they use (and so stopped before them):
     if settings.batch_dispatcher_enabled:
         ctx.append(actor_ctx(DISPATCHER, lambda a: BatchDispatcher(
-            settings, a[BATCH_QUEUE], a[SUPERVISOR], a[ACTIVITY], a[UPSTREAM], a[ACCOUNTANT]), _shutdown_timeout))
+            settings, a[BATCH_QUEUE], a[SUPERVISOR], a[ACTIVITY], a[UPSTREAM], a[ACCOUNTANT], a[FLEET]),
+            _shutdown_timeout))
+    # The node registry reads the dispatcher's status; it also checks that UPLOAD_DIR is the shared one.
+    ctx.append(actor_ctx(NODE_REGISTRY, lambda a: NodeRegistry(
+        settings, a[FLEET], a[SUPERVISOR], a[ACTIVITY], a.get(DISPATCHER)), 5))
     # One follower of the job event stream for every component that waits for job outcomes (below).
     ctx.append(actor_ctx(JOB_FEED, lambda a: JobEventFeed(a[BATCH_QUEUE]), 5))
     # The EvalRunner submits through the batch queue.
@@ -220,11 +230,13 @@ def create_app(settings: Settings) -> web.Application:
     ctx.append(actor_ctx(UPLOAD_SWEEPER, lambda a: _sweeper(a, settings), 5))
     # The Batches manager reads input files from the upload store and enqueues on the batch queue.
     ctx.append(actor_ctx(BATCH_MANAGER, lambda a: BatchManager(
-        settings, a[REDIS], a[REDIS_KEYS], a[BATCH_QUEUE], a[UPLOADS], a[JOB_FEED]), _shutdown_timeout))
+        settings, a[REDIS], a[REDIS_KEYS], a[BATCH_QUEUE], a[UPLOADS], a[JOB_FEED],
+        uploads_shared=lambda: a[NODE_REGISTRY].uploads_shared), _shutdown_timeout))
     ctx.append(actor_ctx(QUEUE_DEPTH_SAMPLER, lambda a: QueueDepthSampler(a[BATCH_QUEUE], settings), 5))
     ctx.append(actor_ctx(TRAFFIC, lambda a: TrafficSampler(), 5))
 
-    for routes in (system, realtime, batch, evals, uploads, files, batches, admin, monitor, dashboard, openapi):
+    for routes in (system, realtime, batch, evals, uploads, files, batches, admin, monitor, fleet, dashboard,
+                   openapi):
         routes.setup(app)
     return app
 

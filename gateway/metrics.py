@@ -197,7 +197,16 @@ BUILD_INFO.labels(__version__).set(1)
 ASYNCIO_TASKS = Gauge("llm_gateway_asyncio_tasks", "asyncio tasks alive in the gateway's event loop "
                       "(refreshed at each scrape); back at its idle level once traffic stops", registry=REGISTRY)
 
+# --- fleet (docs/fleet.md): what this node sees of the fleet and how its swap-slot requests went
+FLEET_NODES = Gauge("llm_gateway_fleet_nodes", "Live nodes in the fleet's registry, as this node last read it",
+                    registry=REGISTRY)
+FLEET_SWAP_SLOT = Counter("llm_gateway_fleet_swap_slot_requests_total", "Swap-slot requests of this node's "
+                          "dispatcher, by outcome (taken, held, swap_slot_busy, other_node_has_model, "
+                          "swap_not_worth)", ["outcome"], registry=REGISTRY)
+
 # Known label values start at 0, so rates and dashboards work before the first event of each kind.
+for _outcome in ("taken", "held", "swap_slot_busy", "other_node_has_model", "swap_not_worth"):
+    FLEET_SWAP_SLOT.labels(_outcome)
 for _event in ("enqueued", "started", "retried", "requeued", "completed", "failed", "cancelled"):
     BATCH_JOBS.labels(_event)
 for _reason in ("batch_group", "group_done", "realtime_wanted", "max_residency", "load_failed", "model_changed"):

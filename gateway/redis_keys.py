@@ -171,3 +171,29 @@ class RedisKeys:
     def openai_batch_errors(self, batch_id: str) -> str:
         """Error-file lines of the batch's invalid input lines (list of JSON)."""
         return f"{self.prefix}{BATCH_TAG}:openai_batch_errors:{batch_id}"
+
+    # --- fleet (docs/fleet.md): the node registry and the swap slots, owned by gateway/fleet/store.py.
+    # The registry's keys share the `{fleet}` hash tag so one Lua script or MGET reads them on a cluster.
+    def fleet_node(self, node_id: str) -> str:
+        """One node's registry entry, as JSON (string; expires FLEET_NODE_TTL_SECONDS after its heartbeat)."""
+        return f"{self.prefix}{{fleet}}:node:{node_id}"
+
+    @property
+    def fleet_nodes(self) -> str:
+        """Node ids scored by when their entry expires in ms (sorted set): the listing index, no SCAN."""
+        return f"{self.prefix}{{fleet}}:nodes"
+
+    @property
+    def fleet_swap_slots(self) -> str:
+        """Nodes off the realtime model, scored by their swap-slot lease deadline in ms (sorted set)."""
+        return f"{self.prefix}{{fleet}}:swap_slots"
+
+    @property
+    def fleet_swap_models(self) -> str:
+        """Node id -> the model its swap slot was taken for (hash)."""
+        return f"{self.prefix}{{fleet}}:swap_models"
+
+    @property
+    def fleet_upload_dir_id(self) -> str:
+        """The id written in the shared UPLOAD_DIR's marker file by the first node (string)."""
+        return f"{self.prefix}{{fleet}}:upload_dir_id"

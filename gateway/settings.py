@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import socket
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -91,7 +92,8 @@ class Settings(BaseSettings):
     # Batch queue (issue 3; see docs/batch.md for the rules these tune).
     batch_job_ttl_seconds: int = Field(7 * 24 * 3600, gt=0)
     batch_max_attempts: int = Field(3, ge=1, le=100)
-    batch_lease_seconds: float = Field(30.0, ge=0.1)
+    batch_lease_seconds: float = Field(6.0, ge=0.1, description="A dead gateway's jobs are taken over once "
+                                       "this lease runs out (renewed every third of it)")
     batch_aging_seconds: float = Field(60.0, ge=0)
     batch_request_timeout: float = Field(600.0, gt=0)
     batch_retry_backoff_seconds: float = Field(1.0, ge=0)
@@ -138,7 +140,7 @@ class Settings(BaseSettings):
                                     "or running at a time")
     eval_poll_interval: float = Field(1.0, gt=0, description="Fallback poll of a run's jobs when no job event "
                                       "arrives")
-    eval_lease_seconds: float = Field(30.0, ge=1, description="A run is resumed by another gateway (or after a "
+    eval_lease_seconds: float = Field(6.0, ge=1, description="A run is resumed by another gateway (or after a "
                                       "crash) once its owner stops renewing this lease")
     eval_log_tail_lines: int = Field(40, ge=1, le=1000)
 
@@ -167,6 +169,24 @@ class Settings(BaseSettings):
                                             "transaction (building one blocks the event loop ~60 us a line)")
     openai_batch_rescan_seconds: float = Field(15.0, gt=0, description="How often the batch manager re-reads "
                                                "the status of unfinished jobs besides following the event stream")
+
+    # --- fleet (docs/fleet.md): several gateways on one Redis
+    node_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200,
+                         description="This gateway's name in the node registry (default: the host name; set "
+                         "it when several gateways run on one host)")
+    node_address: str = Field("", max_length=500, description="The URL other nodes and operators reach this "
+                              "gateway at (default: http://<host name>:<LISTEN_PORT>)")
+    fleet_heartbeat_seconds: float = Field(2.0, gt=0, description="How often a node refreshes its registry entry")
+    fleet_node_ttl_seconds: float = Field(10.0, gt=0, description="A node's entry expires this long after its "
+                                          "last heartbeat")
+    fleet_lease_seconds: float = Field(6.0, ge=1, description="Swap-slot and batch-owner leases; a dead node's "
+                                       "are taken over once they run out (renewed every third of it)")
+    fleet_max_swapped_nodes: int = Field(0, ge=0, le=10_000, description="Most nodes off the realtime model at "
+                                         "once (0: all but one)")
+    fleet_swap_min_jobs: int = Field(20, ge=1, description="Queued jobs for a model that are worth a swap on "
+                                     "their own, per node swapped to it")
+    fleet_swap_max_wait_seconds: float = Field(120.0, ge=0, description="A smaller queue is worth a swap once "
+                                               "its oldest job has waited this long (when no node serves it)")
 
     # --- dashboard (gateway/http/dashboard.py): the session cookie is signed with DASHBOARD_SECRET, or with a
     # random per-process secret when unset (sessions then end when the gateway restarts).
@@ -264,6 +284,14 @@ class Settings(BaseSettings):
             raise ValueError("use at most 100 characters")
         return value
 
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        value = value.strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*", value):
+            raise ValueError("use letters, digits and _ . : @ - (a host name, say)")
+        return value
+
     @field_validator("realtime_model")
     @classmethod
     def _model(cls, value: str) -> str:
@@ -323,6 +351,11 @@ class Settings(BaseSettings):
             return Path(self.runtime_pid_file)
         suffix = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.redis_prefix).strip("_.")
         return Path("var") / (f"runtime-{suffix}.pid" if suffix else "runtime.pid")
+
+    @property
+    def node_url(self) -> str:
+        """NODE_ADDRESS, or where this gateway listens as seen from another host."""
+        return self.node_address or f"http://{socket.gethostname()}:{self.listen_port}"
 
     @property
     def failure_dir(self) -> Path:

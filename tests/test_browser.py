@@ -142,6 +142,13 @@ async def test_login_watch_traffic_cancel_a_job_and_log_out(browser: Browser, ba
             await expect(page.locator(marker)).to_be_visible()
             await shots.take(page, name.lower())
         await expect(page.locator("#rt-history tbody tr").first).to_be_visible()
+        # The fleet view: this gateway's row in the node registry, its runtime state rendered by the script.
+        await page.click("nav >> text=Fleet")
+        node_row = page.locator("#fleet-table tr[data-node]")
+        await expect(node_row).to_have_count(1, timeout=WAIT_MS)
+        await expect(node_row.locator(".badge")).to_have_text("ready")
+        await expect(page.locator("#fleet-count")).to_have_text("1")
+        await shots.take(page, "fleet")
 
         # Log out: the cookie is gone and the pages send the browser back to the form.
         await page.click("#logout")

@@ -31,7 +31,7 @@ from gateway.settings import SettingsError, load_settings
 from gateway.uploads import UploadStore, parse_metadata
 from gateway.uploads.errors import InvalidUploadRequest, UploadNotFinished, UploadTooLarge
 from gateway.uploads.protocol import parse_concat
-from gateway.uploads.store import UploadInfo
+from gateway.uploads.store import SHARED_MARKER, UploadInfo
 from tests.conftest import (
     KEY_IDS,
     REALTIME_MODEL,
@@ -51,6 +51,11 @@ JS_DIR = Path(__file__).parent / "js"
 
 Client = Any
 MakeGateway = Callable[..., Awaitable[Client]]
+
+
+def upload_files(directory: Path) -> list[Path]:
+    """What the store keeps in an upload directory (not the fleet's shared-directory marker)."""
+    return [p for p in directory.iterdir() if p.name != SHARED_MARKER]
 
 
 @pytest.fixture
@@ -278,7 +283,7 @@ async def test_tus_js_client_parallel_uploads_become_one_file(make_gateway: Make
     # The partial uploads were consumed: their bytes count once, as the final upload's.
     assert [i.id for i in store.list_for_key(KEY_IDS["all"])] == [final_id]
     assert store.usage(KEY_IDS["all"]) == len(data)
-    assert sorted(p.name for p in upload_dir.iterdir()) == [f"{final_id}.bin", f"{final_id}.json"]
+    assert sorted(p.name for p in upload_files(upload_dir)) == [f"{final_id}.bin", f"{final_id}.json"]
 
     resp = await head(gw, "/v1/upload/" + final_id, role="all")
     assert resp.status == 200 and resp.headers["Upload-Length"] == resp.headers["Upload-Offset"] == str(len(data))
@@ -738,7 +743,7 @@ async def test_termination(gw: Client, upload_dir: Path) -> None:
     resp = await gw.delete(url, headers=headers())
     assert resp.status == 204 and resp.headers["Tus-Resumable"] == "1.0.0"
     assert (await head(gw, url)).status == 404
-    assert list(upload_dir.iterdir()) == []
+    assert upload_files(upload_dir) == []
     assert store_of(gw).usage(KEY_IDS["upload"]) == 0
     assert (await gw.delete(url, headers=headers())).status == 404
 
@@ -920,7 +925,7 @@ async def test_upload_count_and_metadata_size_per_key_are_bounded(make_gateway: 
         resp = await gw.post("/v1/upload/", headers={**headers(), "Upload-Length": length})
         assert resp.status == 403 and await error_code(resp) == "upload_count_exceeded"
         assert "UPLOAD_KEY_MAX_UPLOADS" in (await resp.json())["error"]["message"]
-    assert len(list(upload_dir.iterdir())) == 10  # nothing more was created
+    assert len(upload_files(upload_dir)) == 10  # nothing more was created
     assert await create(gw, 0, role="upload2")  # the bound is per key
     assert (await gw.delete(urls[0], headers=headers())).status == 204
     assert await create(gw, 0)

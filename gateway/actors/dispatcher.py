@@ -25,6 +25,7 @@ from gateway.activity import RealtimeActivity
 from gateway.actors.base import Actor
 from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupervisor
 from gateway.actors.usage import UsageEvent
+from gateway.backends import make_backend
 from gateway.batch.coserve import (
     AdmissionController,
     ControllerConfig,
@@ -35,6 +36,7 @@ from gateway.batch.coserve import (
 )
 from gateway.batch.jobs import PRIORITY_MAX, JobStatus
 from gateway.batch.queue import HeldJob, JobQueue, instance_id
+from gateway.fleet.store import FleetStore
 from gateway.redis_client import REDIS_ERRORS, REDIS_OR_OS_ERRORS
 from gateway.redis_codec import text
 from gateway.settings import RuntimeBackend, Settings
@@ -83,12 +85,17 @@ class BatchDispatcher(Actor[Never]):
 
     def __init__(self, settings: Settings, queue: JobQueue, supervisor: RuntimeSupervisor,
                  activity: RealtimeActivity, upstream: aiohttp.ClientSession,
-                 accountant: UsageAccountant | None = None, *,
+                 accountant: UsageAccountant | None = None, fleet: FleetStore | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.clock = clock
         """Monotonic seconds for scheduling decisions: idle windows, residency (injectable for unit tests)."""
         self.settings = settings
+        self.fleet = fleet
+        """The fleet's swap slots and node registry (None: decide alone, as a single node)."""
+        self.swap_slot_model: str | None = None
+        """The model this node holds a fleet swap slot for (taken before a swap, released on swap back)."""
+        self._fleet_refusals: dict[str, tuple[float, dict[str, Any]]] = {}
         self.queue = queue
         self.supervisor = supervisor
         self.activity = activity
@@ -156,10 +163,23 @@ class BatchDispatcher(Actor[Never]):
         await super().stop(timeout)
 
     async def on_stop(self) -> None:
-        """Stop a batch runtime started beside a sleeping realtime one (sleep mode)."""
+        """Stop a batch runtime started beside a sleeping realtime one (sleep mode); free the swap slot."""
         if self._batch_runtime is not None:
             runtime, self._batch_runtime = self._batch_runtime, None
             await runtime.stop(timeout=self.settings.runtime_stop_timeout + 15)
+        await self._release_swap_slot()
+
+    async def start(self) -> None:
+        """Stop a batch runtime a killed gateway left behind (sleep mode), then start the loop."""
+        if self.sleep_mode:
+            backend = make_backend(self._batch_settings(self.settings.realtime_model))
+            try:
+                await backend.remove_leftover()
+            except Exception as exc:  # the next swap's start removes it too; do not block start-up
+                self.log.warning("batch_runtime_leftover_not_removed", error=str(exc))
+            finally:
+                await backend.close()
+        await super().start()
 
     # --- run loop
     async def run(self) -> None:
@@ -227,12 +247,18 @@ class BatchDispatcher(Actor[Never]):
         now = self.clock()
         if self._draining_for is None and now >= self._next_swap_check:
             self._next_swap_check = now + min(0.5, self.settings.batch_poll_interval)
-            self._draining_for = await self._pick_group()
+            picked = None
+            for candidate in await self._pick_groups():
+                if await self._fleet_allows(candidate):
+                    picked = candidate
+                    break
+            self._draining_for = picked
         if self._draining_for is not None:
             if (self.activity.idle_for() < self.settings.swap_realtime_idle_seconds
                     or self.activity.wanted.is_set()):
                 self.log.info("batch_swap_abandoned", model=self._draining_for, reason="realtime_active")
                 self._draining_for = None
+                await self._release_swap_slot()
             elif self.inflight:
                 await self._cancel_all("preempted", waiting_only=True)
                 return 0.1  # let the realtime-model jobs finish before the runtime changes
@@ -246,26 +272,22 @@ class BatchDispatcher(Actor[Never]):
             await self._claim(realtime, free)
         return min(0.5, self.settings.batch_poll_interval)
 
-    async def _pick_group(self) -> str | None:
-        """The other model whose queued work is most urgent, when a swap is allowed now."""
+    async def _pick_groups(self) -> list[str]:
+        """The other models with queued work, most urgent first, when a swap is allowed now (the fleet's
+        swap slots then decide which one, if any, this node takes)."""
         if self.activity.wanted.is_set():
-            return None
+            return []
         if self.activity.idle_for() < self.settings.swap_realtime_idle_seconds:
-            return None
+            return []
         if self._residency_left() > 0:
-            return None
+            return []
         heads = await self.queue.ready_heads()
         realtime = self.settings.realtime_model
-        others = {m: s for m, s in heads.items() if m != realtime}
-        if not others:
-            return None
-        model, score = min(others.items(), key=lambda kv: kv[1])
+        others = sorted(((s, m) for m, s in heads.items() if m != realtime))
         # Aging decides between groups too: the realtime model's own queue goes first while its head
-        # job is more urgent than the other model's.
+        # job is more urgent than the other models'.
         head = heads.get(realtime)
-        if head is not None and head <= score:
-            return None
-        return model
+        return [m for s, m in others if head is None or s < head]
 
     def _residency_left(self) -> float:
         """Seconds the realtime model must still stay loaded before another swap (0: none).
@@ -330,6 +352,10 @@ class BatchDispatcher(Actor[Never]):
         if head is not None and own is not None and head <= own:
             return reason("realtime_queue_first", "Jobs for the realtime model are ahead in the queue (priority "
                           "aging orders models too); this group starts when they are done.")
+        refusal = self._fleet_refusals.get(model)
+        if refusal is not None and mono - refusal[0] < 5.0:
+            return {**refusal[1], "until": (round(now + refusal[1]["seconds"], 3)
+                                            if refusal[1].get("seconds") is not None else None)}
         return reason("swap_pending", f"A swap to {model} starts at the dispatcher's next step.", 1.0)
 
     async def _publish_waiting_reasons(self) -> None:
@@ -476,6 +502,7 @@ class BatchDispatcher(Actor[Never]):
             self.activity.want_realtime()
         self.activity.wanted.clear()
         self._realtime_since = self.clock()
+        await self._release_swap_slot()
 
     def _record_swap(self, reason: str, model: str, started: float, error: str | None) -> None:
         seconds = time.monotonic() - started
@@ -500,6 +527,89 @@ class BatchDispatcher(Actor[Never]):
             for job in jobs:
                 await self._finish_failed(job, f"The runtime could not load model '{model}': {error}",
                                           "model_load_failed", {"model_load_failed"})
+
+    # --- fleet: swap slots (gateway/fleet/store.py, docs/fleet.md)
+    async def _fleet_allows(self, model: str) -> bool:
+        """Take a fleet swap slot for `model`, or say why not (kept for waiting_reason).
+
+        Alone in the registry a node swaps as a single gateway does (it still takes a slot, so nodes that
+        join meanwhile see it). With others: at most FLEET_MAX_SWAPPED_NODES (0: all but one) are off the
+        realtime model; a model no node serves needs FLEET_SWAP_MIN_JOBS queued jobs or a job waiting
+        FLEET_SWAP_MAX_WAIT_SECONDS; a model other nodes serve needs FLEET_SWAP_MIN_JOBS per node.
+        """
+        if self.fleet is None:
+            return True
+        settings = self.settings
+        node_id = settings.node_id
+        try:
+            nodes = await self.fleet.nodes()
+            queued, head = await self.queue.model_backlog(model)
+            others = [n for n in nodes if n.get("node_id") != node_id and (n.get("batch") or {}).get("enabled")]
+            others_loaded = sum(1 for n in others
+                                if (n.get("batch") or {}).get("swap_slot") != model
+                                and model in (*(n.get("models") or {}).get("loaded", ()),
+                                              *(n.get("models") or {}).get("sleeping", ())))
+            waited = time.time() - head if head is not None else 0.0
+            alone = not others
+            max_slots = 1 if alone else (settings.fleet_max_swapped_nodes or len(others))
+            worth = alone or queued >= settings.fleet_swap_min_jobs or waited >= settings.fleet_swap_max_wait_seconds
+            answer = await self.fleet.take_swap_slot(
+                node_id, model, max_slots=max_slots, lease_seconds=settings.fleet_lease_seconds, queued=queued,
+                min_jobs=settings.fleet_swap_min_jobs, others_loaded=0 if alone else others_loaded,
+                worth_alone=worth)
+        except REDIS_OR_OS_ERRORS as exc:
+            self.log.warning("fleet_swap_slot_error", model=model, error=str(exc))
+            return False
+        metrics.FLEET_NODES.set(len(nodes))
+        metrics.FLEET_SWAP_SLOT.labels(answer.reason).inc()
+        if answer.granted:
+            self.swap_slot_model = model
+            self._fleet_refusals.pop(model, None)
+            self.log.info("fleet_swap_slot_taken", model=model, holders=answer.holders, queued=queued)
+            return True
+        if alone:
+            return False  # a dead node's slot has not run out yet: at most FLEET_LEASE_SECONDS
+        self._fleet_refusals[model] = (self.clock(), self._refusal_reason(
+            answer.reason, model, queued=queued, waited=waited, max_slots=max_slots, holders=answer.holders))
+        return False
+
+    def _refusal_reason(self, code: str, model: str, *, queued: int, waited: float, max_slots: int,
+                        holders: int) -> dict[str, Any]:
+        s = self.settings
+        if code == "swap_slot_busy":
+            message = (f"{holders} of the fleet's nodes are off the realtime model already, the most allowed at "
+                       f"once (FLEET_MAX_SWAPPED_NODES={s.fleet_max_swapped_nodes or 'all but one'}: {max_slots}); "
+                       f"a node swaps to {model} when one of them swaps back.")
+            return {"code": "swap_slot_busy", "message": message, "seconds": None}
+        if code == "other_node_has_model":
+            message = (f"Another node already serves {model}: its {queued} queued jobs go there first. One more "
+                       f"node swaps to it only when at least FLEET_SWAP_MIN_JOBS={s.fleet_swap_min_jobs} jobs "
+                       "per node serving it are queued.")
+            return {"code": "other_node_has_model", "message": message, "seconds": None}
+        left = max(0.0, s.fleet_swap_max_wait_seconds - waited)
+        message = (f"Only {queued} jobs for {model} are queued: a node swaps for them once "
+                   f"FLEET_SWAP_MIN_JOBS={s.fleet_swap_min_jobs} are queued, or once the oldest has waited "
+                   f"FLEET_SWAP_MAX_WAIT_SECONDS={s.fleet_swap_max_wait_seconds:g} s.")
+        return {"code": "swap_not_worth", "message": message, "seconds": round(left, 1)}
+
+    async def _renew_swap_slot(self) -> None:
+        if self.fleet is None or self.swap_slot_model is None:
+            return
+        if not await self.fleet.renew_swap_slot(self.settings.node_id, self.settings.fleet_lease_seconds):
+            # Renewals stopped for longer than the lease (Redis away, a long pause): another node may
+            # hold the slot now. The group still ends within BATCH_MAX_RESIDENCY_SECONDS.
+            self.log.warning("fleet_swap_slot_lost", model=self.swap_slot_model)
+
+    async def _release_swap_slot(self) -> None:
+        if self.fleet is None or self.swap_slot_model is None:
+            return
+        model, self.swap_slot_model = self.swap_slot_model, None
+        try:
+            await self.fleet.release_swap_slot(self.settings.node_id)
+        except REDIS_OR_OS_ERRORS as exc:  # it runs out after FLEET_LEASE_SECONDS
+            self.log.warning("fleet_swap_slot_release_failed", model=model, error=str(exc))
+        else:
+            self.log.info("fleet_swap_slot_released", model=model)
 
     # --- claiming and running
     async def _claim(self, model: str, n: int) -> int:
@@ -809,6 +919,8 @@ class BatchDispatcher(Actor[Never]):
                             self.log.warning("batch_lease_lost", job_id=job_id)
                             running.cancel_reason = "lost"
                             running.task.cancel()
+                if self.swap_slot_model is not None:
+                    await self._renew_swap_slot()
                 if await self.queue.reap():
                     self._wake.set()
                 if time.monotonic() >= next_reasons:

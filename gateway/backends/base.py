@@ -70,6 +70,9 @@ class RuntimeBackend(abc.ABC):
     async def wait_exit(self) -> ExitInfo:
         """Return when the current instance stops serving without having been asked to stop."""
 
+    async def remove_leftover(self) -> None:  # noqa: B027 (an optional hook: external runtimes leave nothing)
+        """Stop a runtime left by a previous gateway (killed -9) without starting one."""
+
     async def close(self) -> None:  # noqa: B027 (an optional hook: most backends hold nothing to release)
         """Release client resources (not the runtime: call stop() for that)."""
 

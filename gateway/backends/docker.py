@@ -173,6 +173,18 @@ class DockerBackend(RuntimeBackend):
         await self._remove(info["Id"], graceful=running)
         return None
 
+    async def remove_leftover(self) -> None:
+        """Remove the container named RUNTIME_CONTAINER_NAME, if one is left."""
+        docker = await self.client()
+        try:
+            info = await (await docker.containers.get(self.name)).show()
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return
+            raise BackendError(f"cannot inspect container {self.name}: {exc.message}") from exc
+        self.log.warning("runtime_container_leftover_removed", container=self.name)
+        await self._remove(info["Id"], graceful=bool((info.get("State") or {}).get("Running")))
+
     async def start(self, model: str) -> str:
         """Create and start the container (removing any container with its name first)."""
         docker = await self.client()

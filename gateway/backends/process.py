@@ -61,6 +61,10 @@ class ProcessBackend(RuntimeBackend):
         await self._kill_leftover()
         return None
 
+    async def remove_leftover(self) -> None:
+        """Kill the runtime named by the pid file, if it still runs."""
+        await self._kill_leftover()
+
     async def start(self, model: str) -> str:
         """Spawn the runtime on a loopback port and return its URL."""
         await self.stop()

@@ -608,6 +608,14 @@ class JobQueue:
                 heads[model] = float(head[0][1])
         return heads
 
+    async def model_backlog(self, model: str) -> tuple[int, float | None]:
+        """Queued jobs for one model, and its most urgent job's score (enqueue time less priority aging)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(self.keys.batch_ready(model))
+        pipe.zrange(self.keys.batch_ready(model), 0, 0, withscores=True)
+        count, head = await pipe.execute()
+        return int(count), float(head[0][1]) if head else None
+
     async def queued_count(self) -> int:
         """Jobs queued over all models."""
         models = texts(await self.redis.smembers(self.keys.batch_models))

@@ -11,10 +11,12 @@ from gateway.actors.dispatcher import BatchDispatcher
 from gateway.actors.evals import EvalRunner
 from gateway.actors.job_feed import JobEventFeed
 from gateway.actors.queue_depth import QueueDepthSampler
+from gateway.actors.registry import NodeRegistry
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.traffic import TrafficSampler
 from gateway.actors.usage import UsageAccountant
 from gateway.batch.queue import JobQueue
+from gateway.fleet.store import FleetStore
 from gateway.keys import ApiKey, Keyring
 from gateway.openai_batches.manager import BatchManager
 from gateway.redis_keys import RedisKeys
@@ -44,6 +46,8 @@ JOB_FEED = web.AppKey("job_event_feed", JobEventFeed)
 BATCH_MANAGER = web.AppKey("openai_batch_manager", BatchManager)
 QUEUE_DEPTH_SAMPLER = web.AppKey("queue_depth_sampler", QueueDepthSampler)
 TRAFFIC = web.AppKey("traffic_sampler", TrafficSampler)
+FLEET = web.AppKey("fleet_store", FleetStore)
+NODE_REGISTRY = web.AppKey("node_registry", NodeRegistry)
 
 # Per-request storage set by the middleware.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -23,6 +23,7 @@ from gateway.http.appkeys import API_KEY, BATCH_MANAGER, SETTINGS
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, list_params, parse_json_object
 from gateway.http.files import owned_file
+from gateway.http.fleet import requires_shared_uploads
 from gateway.keys import Scope
 from gateway.openai_batches.files import PURPOSE_INPUT, file_id, purpose_of
 from gateway.openai_batches.records import BatchRecords, BatchStatus, batch_view, new_batch_id
@@ -139,7 +140,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Add the Batches API routes."""
-    app.router.add_post("/v1/batches", create_batch)
-    app.router.add_get("/v1/batches", list_batches)
-    app.router.add_get("/v1/batches/{batch_id}", get_batch)
-    app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
+    app.router.add_post("/v1/batches", requires_shared_uploads(create_batch))
+    app.router.add_get("/v1/batches", requires_shared_uploads(list_batches))
+    app.router.add_get("/v1/batches/{batch_id}", requires_shared_uploads(get_batch))
+    app.router.add_post("/v1/batches/{batch_id}/cancel", requires_shared_uploads(cancel_batch))

@@ -26,8 +26,9 @@ from markupsafe import Markup
 
 from gateway.batch.jobs import JobStatus
 from gateway.errors import ApiError
+from gateway.fleet.store import fleet_view
 from gateway.http import monitor
-from gateway.http.appkeys import API_KEY, KEYRING, SETTINGS
+from gateway.http.appkeys import API_KEY, FLEET, KEYRING, SETTINGS
 from gateway.http.auth import public, requires_scope
 from gateway.http.session import COOKIE_NAME, CSRF_FIELD, LOGIN_PATH, SECRET, SESSION, make_cookie_value
 from gateway.keys import Scope
@@ -45,7 +46,7 @@ _STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/sv
 
 NAV = (("overview", "Overview", "/dashboard"), ("jobs", "Jobs", "/dashboard/jobs"),
        ("evals", "Evals", "/dashboard/evals"), ("keys", "Keys", "/dashboard/keys"),
-       ("runtime", "Runtime", "/dashboard/runtime"))
+       ("runtime", "Runtime", "/dashboard/runtime"), ("fleet", "Fleet", "/dashboard/fleet"))
 
 # Everything the pages load comes from the gateway itself; inline scripts and styles are refused.
 _PAGE_HEADERS = {
@@ -227,6 +228,13 @@ async def runtime_page(request: web.Request) -> web.Response:
 
 
 @page
+async def fleet_page(request: web.Request) -> web.Response:
+    """GET /dashboard/fleet: every node of the fleet (the node registry) and the swap slots held."""
+    app = request.app
+    return await _page(request, "fleet", "Fleet", "/monitor/nodes", fleet_view(app[FLEET], app[SETTINGS].node_id))
+
+
+@page
 async def crash_log_page(request: web.Request) -> web.Response:
     """GET /dashboard/runtime/crash_logs/{name}: one crash log's text."""
     log_data = monitor.read_crash_log(request.app, request.match_info["name"])
@@ -263,5 +271,6 @@ def setup(app: web.Application) -> None:
     router.add_get("/dashboard/evals", evals_page)
     router.add_get("/dashboard/keys", keys_page)
     router.add_get("/dashboard/runtime", runtime_page)
+    router.add_get("/dashboard/fleet", fleet_page)
     router.add_get("/dashboard/runtime/crash_logs/{name}", crash_log_page)
     router.add_get("/dashboard/static/{name}", static_file)

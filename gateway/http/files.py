@@ -25,6 +25,7 @@ from gateway.errors import ApiError, bad_request
 from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, parse_limit
+from gateway.http.fleet import requires_shared_uploads
 from gateway.keys import Scope
 from gateway.openai_batches.files import (
     DEFAULT_FILENAME,
@@ -247,8 +248,8 @@ async def delete_file(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Add the Files API routes (the upload store comes from the uploads route family)."""
-    app.router.add_post("/v1/files", create_file)
-    app.router.add_get("/v1/files", list_files)
-    app.router.add_get("/v1/files/{file_id}", get_file)
-    app.router.add_delete("/v1/files/{file_id}", delete_file)
-    app.router.add_get("/v1/files/{file_id}/content", file_content)
+    app.router.add_post("/v1/files", requires_shared_uploads(create_file))
+    app.router.add_get("/v1/files", requires_shared_uploads(list_files))
+    app.router.add_get("/v1/files/{file_id}", requires_shared_uploads(get_file))
+    app.router.add_delete("/v1/files/{file_id}", requires_shared_uploads(delete_file))
+    app.router.add_get("/v1/files/{file_id}/content", requires_shared_uploads(file_content))

@@ -279,6 +279,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                                      tag="monitor")},
         "/monitor/runtime": {"get": _op("Runtime state and history", "monitor", {200: {"type": "object"}},
                                         tag="monitor")},
+        "/monitor/nodes": {"get": _op("The fleet's node registry and swap slots", "monitor", {200: _LIST},
+                                      tag="monitor")},
         "/monitor/runtime/crash_logs/{name}": {"get": _op("One crash log", "monitor", {200: {"type": "object"}},
                                                           params=(_path_param("name"),), tag="monitor")},
         "/dashboard/login": {
@@ -299,6 +301,7 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "/dashboard/evals": {"get": _op("Evals page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
         "/dashboard/keys": {"get": _op("Keys page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
         "/dashboard/runtime": {"get": _op("Runtime page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
+        "/dashboard/fleet": {"get": _op("Fleet page", "monitor", {200: "html", 302: "empty"}, tag="dashboard")},
         "/dashboard/runtime/crash_logs/{name}": {"get": _op("Crash log page", "monitor", {200: "html", 302: "empty"},
                                                             params=(_path_param("name"),), tag="dashboard")},
         "/dashboard/static/{name}": {"get": _op("Dashboard CSS/JS", None, {200: {

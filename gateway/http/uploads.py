@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.http.appkeys import API_KEY, REDIS, REDIS_KEYS, SETTINGS, UPLOADS
 from gateway.http.auth import public, requires_scope
+from gateway.http.fleet import requires_shared_uploads
 from gateway.keys import ApiKey, Scope
 from gateway.openai_batches.files import file_id
 from gateway.openai_batches.records import file_in_use
@@ -234,8 +235,8 @@ def setup(app: web.Application) -> None:
     router = app.router
     for path in (BASE_PATH, BASE_PATH.rstrip("/")):
         router.add_route("OPTIONS", path, options)
-        router.add_route("POST", path, collection)
+        router.add_route("POST", path, requires_shared_uploads(collection))
     item = BASE_PATH + "{upload_id}"
     router.add_route("OPTIONS", item, options)
     for method in ("HEAD", "PATCH", "DELETE", "POST"):
-        router.add_route(method, item, resource)
+        router.add_route(method, item, requires_shared_uploads(resource))

@@ -11,6 +11,13 @@ Each batch is driven by one task of this actor:
 4. finalizing: the output and error files are written through the upload store, then the batch is final.
 Cancelling and expiry (OPENAI_BATCH_WINDOW_SECONDS after creation) cancel the unfinished jobs and
 finalize with what has completed. Everything lives in Redis; `run()` resumes every active batch.
+
+In a fleet every node runs a manager, and each batch has one owner: the manager that holds its owner
+lease (FLEET_LEASE_SECONDS, renewed every third of it). Another node takes the batch over, from the
+state in Redis, once the lease runs out. Status changes are fenced by the lease, so a manager that lost
+it writes nothing more: the output and error files of a manager whose final transition is refused are
+removed again, and the batch record points at the one set that won. A node whose UPLOAD_DIR is not the
+fleet's shared one drives no batch (it could not read the input files).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +36,7 @@ from gateway import metrics, redis_client
 from gateway.actors.base import STOP, Actor
 from gateway.actors.job_feed import JobEventFeed
 from gateway.batch.jobs import Endpoint
-from gateway.batch.queue import JobEvent, JobQueue
+from gateway.batch.queue import JobEvent, JobQueue, instance_id
 from gateway.openai_batches.files import PURPOSE_OUTPUT, file_id, make_metadata, purpose_of, upload_id_of
 from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine, check_line, read_lines
 from gateway.openai_batches.records import BatchRecords, BatchStatus
@@ -77,6 +84,10 @@ class _Tracked:
         return True
 
 
+class _LostOwnership(Exception):
+    """Another manager holds the batch's owner lease now: stop driving it, write nothing more."""
+
+
 class BatchFileError(Exception):
     """The input file as a whole cannot be used; `code` and the message go to the batch's errors."""
 
@@ -105,8 +116,13 @@ class BatchManager(Actor[_Drive | _Rescan]):
     name = "openai_batch_manager"
 
     def __init__(self, settings: Settings, redis: Redis, keys: RedisKeys, queue: JobQueue,
-                 store: UploadStore, feed: JobEventFeed) -> None:
+                 store: UploadStore, feed: JobEventFeed, *, uploads_shared: Callable[[], bool | None] | None = None,
+                 owner: str | None = None) -> None:
         super().__init__()
+        self.owner = owner or instance_id()
+        self.uploads_shared = uploads_shared
+        """Whether UPLOAD_DIR is the fleet's shared directory (None: not known yet); no batch is driven
+        unless it is True. Without the callable (a manager on its own) the directory is taken as shared."""
         feed.subscribe(self._on_event, self._on_gap)
         self.settings = settings
         self.redis = redis
@@ -136,15 +152,20 @@ class BatchManager(Actor[_Drive | _Rescan]):
         """Resume active batches, follow the job event stream, and (re)start drivers as needed."""
         async with asyncio.TaskGroup() as tg:
             try:
-                next_scan = 0.0
+                next_scan = next_adopt = 0.0
+                # Batches whose owner died are taken over within a lease and a third of one.
+                adopt_every = min(self.settings.openai_batch_rescan_seconds, self.settings.fleet_lease_seconds / 3)
                 while True:
                     now = time.monotonic()
-                    if now >= next_scan:
-                        next_scan = now + self.settings.openai_batch_rescan_seconds
+                    if now >= next_adopt:
+                        next_adopt = now + adopt_every
                         try:
-                            for batch_id in await self.records.active_ids():
-                                self._start_driver(tg, batch_id)
-                            await self._rescan()
+                            if self._may_drive():
+                                for batch_id in await self.records.active_ids():
+                                    self._start_driver(tg, batch_id)
+                            if now >= next_scan:
+                                next_scan = now + self.settings.openai_batch_rescan_seconds
+                                await self._rescan()
                         except REDIS_OR_OS_ERRORS as exc:  # the next scan tries again
                             self.log.warning("openai_batch_scan_failed", error=str(exc))
                     for batch_id, at in list(self._retry_at.items()):
@@ -168,8 +189,11 @@ class BatchManager(Actor[_Drive | _Rescan]):
                     task.cancel()
                 metrics.OPENAI_BATCHES_ACTIVE.set(0)
 
+    def _may_drive(self) -> bool:
+        return self.uploads_shared is None or self.uploads_shared() is True
+
     def _start_driver(self, tg: asyncio.TaskGroup, batch_id: str) -> None:
-        if batch_id in self._drivers or self.stopping:
+        if batch_id in self._drivers or self.stopping or not self._may_drive():
             return
         if self._retry_at.get(batch_id, 0.0) > time.monotonic():
             return
@@ -180,8 +204,26 @@ class BatchManager(Actor[_Drive | _Rescan]):
 
     async def _drive_safely(self, batch_id: str) -> None:
         try:
+            taken = await self.records.take_owner(batch_id, self.owner, self.settings.fleet_lease_seconds)
+        except REDIS_OR_OS_ERRORS as exc:
+            self.log.warning("openai_batch_owner_error", batch_id=batch_id, error=str(exc))
+            self._drivers.pop(batch_id, None)
+            return
+        if taken == "taken":  # another node drives it; it is looked at again at the next scan
+            self._drivers.pop(batch_id, None)
+            metrics.OPENAI_BATCHES_ACTIVE.set(len(self._drivers))
+            return
+        driver = asyncio.current_task()
+        keeper = asyncio.create_task(self._keep_owner(batch_id, driver), name=f"openai_batch_owner:{batch_id}")
+        try:
             await self._drive(batch_id)
+        except _LostOwnership:
+            self.log.warning("openai_batch_owner_lost", batch_id=batch_id)
         except asyncio.CancelledError:
+            if (keeper.done() and not keeper.cancelled() and keeper.exception() is None
+                    and keeper.result() is False):
+                self.log.warning("openai_batch_owner_lost", batch_id=batch_id)
+                return  # the keeper stopped us: another node drives the batch now
             raise
         except Exception as exc:  # retried from the Redis state: every step is resumable
             failures = self._failures.get(batch_id, 0) + 1
@@ -192,9 +234,36 @@ class BatchManager(Actor[_Drive | _Rescan]):
         else:
             self._failures.pop(batch_id, None)
         finally:
+            keeper.cancel()
+            with contextlib.suppress(*REDIS_OR_OS_ERRORS):
+                await self.records.release_owner(batch_id, self.owner)
             self._drivers.pop(batch_id, None)
             self._forget(batch_id)
             metrics.OPENAI_BATCHES_ACTIVE.set(len(self._drivers))
+
+    async def _keep_owner(self, batch_id: str, driver: asyncio.Task[Any] | None) -> bool:
+        """Renew the owner lease every third of FLEET_LEASE_SECONDS; cancel the driver (and return
+        False) once it is lost. A Redis error alone does not stop the driver: its writes fail too, and
+        its fenced transitions are refused once another node holds the lease."""
+        lease = self.settings.fleet_lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                result = await self.records.take_owner(batch_id, self.owner, lease)
+            except REDIS_OR_OS_ERRORS as exc:
+                self.log.warning("openai_batch_owner_renew_failed", batch_id=batch_id, error=str(exc))
+                continue
+            if result != "ok":
+                if driver is not None:
+                    driver.cancel()
+                return False
+
+    async def _transition(self, batch_id: str, allowed: tuple[BatchStatus, ...], fields: dict[str, str]) -> str:
+        """A status change fenced by our owner lease; _LostOwnership when another node holds it."""
+        result = await self.records.transition_owned(batch_id, self.owner, allowed, fields)
+        if result == "not_owner":
+            raise _LostOwnership(batch_id)
+        return result
 
     def _forget(self, batch_id: str) -> None:
         if self._tracked.pop(batch_id, None) is not None:
@@ -221,7 +290,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
                 log.info("openai_batch_failed", code=exc.code, reason=exc.message)
                 return
             now = repr(time.time())
-            result = await self.records.transition(batch_id, (BatchStatus.VALIDATING,),
+            result = await self._transition(batch_id, (BatchStatus.VALIDATING,),
                                                    {"status": BatchStatus.IN_PROGRESS.value, "in_progress_at": now,
                                                     "total": str(total), "model": model})
             if result not in ("ok", BatchStatus.CANCELLING.value):
@@ -308,7 +377,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
     async def _fail(self, batch: dict[str, str], exc: BatchFileError) -> None:
         data: list[dict[str, Any]] = [{"code": exc.code, "message": exc.message, "param": None, "line": None}]
         data += [{"code": d.code, "message": d.message, "param": d.param, "line": d.line} for d in exc.details]
-        result = await self.records.transition(
+        result = await self._transition(
             batch["id"], (BatchStatus.VALIDATING, BatchStatus.CANCELLING),
             {"status": BatchStatus.FAILED.value, "failed_at": repr(time.time()),
              "errors": orjson.dumps({"object": "list", "data": data}).decode()})
@@ -355,6 +424,10 @@ class BatchManager(Actor[_Drive | _Rescan]):
 
         async def flush() -> bool:
             nonlocal good, errors, invalid
+            # Renewed just before each chunk: a chunk is written only by the lease holder, with a full
+            # lease ahead of it (a chunk takes milliseconds), so two nodes never enqueue the same lines.
+            if await self.records.take_owner(batch_id, self.owner, self.settings.fleet_lease_seconds) != "ok":
+                raise _LostOwnership(batch_id)
             status = await self.redis.hget(self.keys.openai_batch(batch_id), "status")
             if status != BatchStatus.IN_PROGRESS.value.encode():
                 return False  # cancelling or expired: stop feeding the queue
@@ -434,10 +507,10 @@ class BatchManager(Actor[_Drive | _Rescan]):
         batch_id, key_id = batch["id"], batch["key_id"]
         now = repr(time.time())
         if final is BatchStatus.COMPLETED:
-            await self.records.transition(batch_id, (BatchStatus.IN_PROGRESS,),
+            await self._transition(batch_id, (BatchStatus.IN_PROGRESS,),
                                           {"status": BatchStatus.FINALIZING.value, "finalizing_at": now})
         elif final is BatchStatus.EXPIRED:
-            await self.records.transition(batch_id, (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS),
+            await self._transition(batch_id, (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS),
                                           {"status": BatchStatus.FINALIZING.value, "finalizing_at": now,
                                            "expiring": "1"})
         if tracked.pending:
@@ -457,7 +530,17 @@ class BatchManager(Actor[_Drive | _Rescan]):
         if counts["usage"]:
             fields["usage"] = orjson.dumps(counts["usage"]).decode()
         allowed = (BatchStatus.FINALIZING, BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING)
-        if await self.records.transition(batch_id, allowed, fields) == "ok":
+        try:
+            result = await self._transition(batch_id, allowed, fields)
+        except _LostOwnership:
+            # Another node owns the batch now and writes its own files: ours must not stay behind.
+            for written in (output_id, error_id):
+                upload_id = upload_id_of(written) if written else None
+                if upload_id:
+                    with contextlib.suppress(UploadError):
+                        await self.store.delete(upload_id)
+            raise
+        if result == "ok":
             metrics.OPENAI_BATCHES.labels(final.value).inc()
             self.log.info("openai_batch_done", batch_id=batch_id, status=final.value, **{
                 k: v for k, v in counts.items() if k != "usage"})

@@ -35,6 +35,42 @@ end
 return st
 """
 
+# The batch's owner lease lives in its own hash (one key: one slot on a cluster). Take it when free,
+# expired or already ours: ARGV = owner, ttl ms. 'ok', 'taken' (another live owner) or 'missing'.
+_TAKE_OWNER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cur = redis.call('HGET', KEYS[1], 'owner')
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'owner_until') or '0') or 0
+if cur and cur ~= '' and cur ~= ARGV[1] and deadline > now then return 'taken' end
+if cur ~= ARGV[1] then redis.call('HINCRBY', KEYS[1], 'owner_epoch', 1) end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'owner_until', now + tonumber(ARGV[2]))
+return 'ok'
+"""
+
+_RELEASE_OWNER = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'owner', '', 'owner_until', '0')
+end
+return 1
+"""
+
+# A status change fenced by the owner lease: ARGV = owner, n, status_1..status_n, field, value, ...
+_TRANSITION_OWNED = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 'not_owner' end
+local n = tonumber(ARGV[2])
+for i = 3, n + 2 do
+  if ARGV[i] == st then
+    redis.call('HSET', KEYS[1], unpack(ARGV, n + 3))
+    return 'ok'
+  end
+end
+return st
+"""
+
 
 class BatchStatus(StrEnum):
     """OpenAI's batch statuses; the last four are final."""
@@ -92,6 +128,9 @@ class BatchRecords:
         self.keys = keys
         self.ttl_seconds = ttl_seconds
         self._transition = redis.register_script(_TRANSITION)
+        self._take_owner = redis.register_script(_TAKE_OWNER)
+        self._release_owner = redis.register_script(_RELEASE_OWNER)
+        self._transition_owned = redis.register_script(_TRANSITION_OWNED)
 
     async def create(self, fields: dict[str, str]) -> None:
         """Store a new batch (status validating) and make it visible to its key and to the manager."""
@@ -122,6 +161,26 @@ class BatchRecords:
             args.extend((k, v))
         result = await self._transition(keys=[self.keys.openai_batch(batch_id)], args=args)
         return text(result)
+
+    # --- the owner lease: one manager (of one gateway) drives a batch at a time
+    async def take_owner(self, batch_id: str, owner: str, seconds: float) -> str:
+        """Take or renew the batch's owner lease: 'ok', 'taken' (another owner holds it) or 'missing'."""
+        result = await self._take_owner(keys=[self.keys.openai_batch(batch_id)],
+                                        args=[owner, max(1, int(seconds * 1000))])
+        return result.decode() if isinstance(result, bytes) else str(result)
+
+    async def release_owner(self, batch_id: str, owner: str) -> None:
+        """Give the lease back if it is still ours (another manager may take the batch at once)."""
+        await self._release_owner(keys=[self.keys.openai_batch(batch_id)], args=[owner])
+
+    async def transition_owned(self, batch_id: str, owner: str, allowed: tuple[BatchStatus, ...],
+                               fields: dict[str, str]) -> str:
+        """`transition`, fenced: 'not_owner' (and nothing written) unless `owner` holds the lease."""
+        args: list[Any] = [owner, len(allowed), *(s.value for s in allowed)]
+        for k, v in fields.items():
+            args.extend((k, v))
+        result = await self._transition_owned(keys=[self.keys.openai_batch(batch_id)], args=args)
+        return result.decode() if isinstance(result, bytes) else str(result)
 
     async def set(self, batch_id: str, fields: dict[str, str]) -> None:
         """Update fields that are not the status (counters, cursor)."""

@@ -238,6 +238,25 @@
         "No usage recorded yet."));
     },
 
+    fleet(d) {
+      const nodes = d.data || [];
+      const slots = d.swap_slots || {};
+      setText("fleet-count", nodes.length);
+      setText("fleet-swapped", Object.keys(slots).length);
+      fill("fleet-table", table(["Node", "Address", "Runtime", "Loaded", "Sleeping",
+        { label: "Realtime in flight", num: true }, { label: "Batch in flight", num: true }, "Swap slot", "Version",
+        "Heartbeat"], nodes.map((n) => {
+        const rt = n.runtime || {}, models = n.models || {}, batch = n.batch || {}, realtime = n.realtime || {};
+        return el("tr", { "data-node": n.node_id, class: n.this_node ? "this-node" : null },
+          el("td", {}, el("code", {}, n.node_id), n.this_node ? el("span", { class: "muted" }, " (this node)") : null),
+          el("td", {}, n.address || "–"), el("td", {}, badge(rt.state), rt.model ? " " + rt.model : ""),
+          el("td", {}, (models.loaded || []).join(", ") || "–"), el("td", {}, (models.sleeping || []).join(", ") || "–"),
+          el("td", { class: "num" }, num(realtime.in_flight)), el("td", { class: "num" }, num(batch.in_flight)),
+          el("td", {}, slots[n.node_id] || "–"), el("td", {}, n.version || "–"),
+          el("td", {}, num(n.heartbeat_age_seconds, 1) + " s ago"));
+      }), "No node has registered on this Redis."));
+    },
+
     runtime(d) {
       renderRuntimeFacts(d);
       fill("rt-history", table(["When", "State", "Model", "Error"], (d.history || []).map((h) =>

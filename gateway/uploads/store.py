@@ -59,6 +59,8 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{32}$")
 """Upload ids: 24 random bytes, URL-safe base64 (no padding). Anything else is rejected unread."""
 
 _INFO_VERSION = 1
+SHARED_MARKER = ".fleet-id"
+"""The marker file that tells whether an UPLOAD_DIR is a fleet's shared one (gateway/fleet/shared_dir.py)."""
 _CONCAT_KINDS = (None, "partial", "final")
 _COPY_PIECE = 1024 * 1024
 
@@ -219,6 +221,8 @@ class UploadStore:
             if ext in ("json.tmp", "gone.tmp"):
                 # A commit that never reached its rename: the old info file is still the truth.
                 Path(entry.path).unlink(missing_ok=True)
+            elif entry.name == SHARED_MARKER:
+                continue  # the fleet's shared-directory marker (gateway/fleet/shared_dir.py)
             elif not valid_upload_id(stem):
                 log.warning("upload_dir_unknown_file", file=entry.name)
             elif ext == "json":
@@ -281,12 +285,33 @@ class UploadStore:
     # --- queries
     def get(self, upload_id: str) -> UploadInfo | None:
         """The upload with this id whoever owns it, or None."""
-        return self._index.get(upload_id) if valid_upload_id(upload_id) else None
+        return self._shared_view(upload_id) if valid_upload_id(upload_id) else None
+
+    def _shared_view(self, upload_id: str) -> UploadInfo | None:
+        """The index entry, brought up to date with the disk for finished files.
+
+        On a fleet's shared UPLOAD_DIR other nodes write and delete files too: a finished file this
+        process has not seen is read from its info file, and one whose info file is gone is dropped.
+        Unfinished uploads stay with the node that serves their PATCHes.
+        """
+        info = self._index.get(upload_id)
+        if info is not None:
+            if info.finished and upload_id not in self._busy and not self._info_path(upload_id).exists():
+                self._set(upload_id, None)
+                return None
+            return info
+        if upload_id in self._gone:
+            return None
+        found = self._read_info(upload_id)
+        if found is None or not found.finished or not self.data_path(upload_id).exists():
+            return None
+        self._set(upload_id, found)
+        return found
 
     def lookup(self, upload_id: str, key_id: str) -> UploadInfo:
         """The upload if `key_id` owns it; UploadNotFound (404) or UploadGone (410, expired) otherwise."""
         if valid_upload_id(upload_id):
-            info = self._index.get(upload_id)
+            info = self._shared_view(upload_id)
             if info is not None and info.key_id == key_id:
                 if self.expired(info):
                     raise UploadGone(f"Upload {upload_id} expired before it was finished; start a new "
@@ -304,8 +329,24 @@ class UploadStore:
                 and info.expires_at <= self.clock())
 
     def list_for_key(self, key_id: str) -> list[UploadInfo]:
-        """The uploads a key owns, oldest first."""
+        """The uploads a key owns, oldest first (with the finished files other nodes wrote or removed
+        on a shared directory since this process looked)."""
+        self._sync_shared()
         return sorted((i for i in self._index.values() if i.key_id == key_id), key=lambda i: i.created_at)
+
+    def _sync_shared(self) -> None:
+        """One pass over the directory: adopt finished files this process has not seen, drop finished
+        ones whose info file is gone (one scandir; an info file is read only for a new id)."""
+        try:
+            on_disk = {entry.name[:-5] for entry in os.scandir(self.directory) if entry.name.endswith(".json")}
+        except OSError:
+            return
+        for upload_id in [u for u, i in self._index.items() if i.finished and u not in on_disk
+                          and u not in self._busy]:
+            self._set(upload_id, None)
+        for upload_id in on_disk - self._index.keys():
+            if valid_upload_id(upload_id):
+                self._shared_view(upload_id)
 
     def usage(self, key_id: str) -> int:
         """Bytes counted against the key's quota (including those reserved by writes in progress)."""

@@ -1,0 +1,1 @@
+"""Several gateways on one Redis: the node registry, swap slots and the shared upload directory check."""
