@@ -36,6 +36,7 @@ from gateway.batch.coserve import (
 from gateway.batch.jobs import PRIORITY_MAX, JobStatus
 from gateway.batch.queue import HeldJob, JobQueue, instance_id
 from gateway.settings import RuntimeBackend, Settings
+from gateway.tokens import usage_tokens
 
 if TYPE_CHECKING:
     from gateway.actors.usage import UsageAccountant
@@ -709,8 +710,7 @@ class BatchDispatcher(Actor):
                 usage = parsed["usage"]
         except orjson.JSONDecodeError:
             pass
-        prompt = int((usage or {}).get("prompt_tokens") or 0)
-        completion = int((usage or {}).get("completion_tokens") or 0)
+        prompt, completion = usage_tokens(usage)
         self._usage(job, True, prompt, completion)
         fields: dict[str, str | bytes] = {
             "status": JobStatus.COMPLETED.value, "claim": "", "finished_at": repr(time.time()),

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.batch.jobs import Endpoint
 from gateway.http.appkeys import SETTINGS
 from gateway.http.auth import public
 from gateway.http.errors import json_response
@@ -111,6 +112,15 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}
     batch_completion_req = {**completion_req, "properties": {**completion_req["properties"], **batch_extra}}
     batch_chat_req = {**chat_req, "properties": {**chat_req["properties"], **batch_extra}}
+    batch_embedding_req = {"type": "object", "required": ["model", "input"], "properties": {
+        "model": model, "input": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1}]},
+        "encoding_format": {"type": "string", "enum": ["float", "base64"]}, **batch_extra},
+        "example": {"model": realtime_model, "input": "Hello"}}
+    batch_response_req = {"type": "object", "required": ["model", "input"], "properties": {
+        "model": model, "input": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1}]},
+        "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 64},
+        **batch_extra},
+        "example": {"model": realtime_model, "input": "Hello", "max_output_tokens": 4}}
     completion_ok = {"application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
                      "text/event-stream": {"schema": {"type": "string"}}}
     realtime_errors = (409, 415, 422, 429, 502, 504)
@@ -139,6 +149,10 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                                               body=_json_body(batch_completion_req), tag="batch")},
         "/v1/batch/chat/completions": {"post": _op("Queue a chat completion job", "batch", {202: job},
                                                    errors=(409,), body=_json_body(batch_chat_req), tag="batch")},
+        "/v1/batch/embeddings": {"post": _op("Queue an embeddings job", "batch", {202: job}, errors=(409,),
+                                             body=_json_body(batch_embedding_req), tag="batch")},
+        "/v1/batch/responses": {"post": _op("Queue a Responses API job", "batch", {202: job}, errors=(409,),
+                                            body=_json_body(batch_response_req), tag="batch")},
         "/v1/jobs": {"get": _op("The caller's jobs", "batch", {200: _LIST}, params=job_filters, tag="batch")},
         "/v1/jobs/{job_id}": {
             "get": _op("One job", "batch", {200: job}, params=(_path_param("job_id"),), tag="batch"),
@@ -179,7 +193,7 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
             "post": _op("Create a batch from an uploaded file", "batch", {200: batch_obj}, errors=(409,),
                         tag="batches", body=_json_body(_obj(
                             "input_file_id", "endpoint", input_file_id={"type": "string"},
-                            endpoint={"type": "string", "enum": ["/v1/completions", "/v1/chat/completions"]},
+                            endpoint={"type": "string", "enum": [e.value for e in Endpoint]},
                             completion_window={"type": "string", "enum": ["24h"]},
                             metadata={"type": "object"}, priority={"type": "integer"}))),
             "get": _op("The caller's batches", "batch", {200: _LIST}, params=(_LIMIT, _AFTER), tag="batches")},
