@@ -146,3 +146,9 @@ class RedisKeys:
     def openai_batch_errors(self, batch_id: str) -> str:
         """Error-file lines of the batch's invalid input lines (list of JSON)."""
         return f"{self.prefix}openai_batch_errors:{batch_id}"
+
+    # --- runtime start times (gateway/start_times.py)
+    @property
+    def runtime_start_seconds(self) -> str:
+        """Model -> seconds its last measured runtime start took, shared by the fleet (hash)."""
+        return f"{self.prefix}runtime_start_seconds"
