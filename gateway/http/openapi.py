@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.batch.jobs import Endpoint
 from gateway.http.appkeys import SETTINGS
-from gateway.http.auth import public
+from gateway.http.auth import MODEL_READERS, public
 from gateway.http.errors import json_response
 
 Schema = dict[str, Any]
@@ -271,6 +271,10 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
     }
     # The collection URL answers with and without the trailing slash (tus-js-client and tuspy differ).
     paths["/v1/upload/"] = paths["/v1/upload"]
+    # The read-only model routes also let batch and eval keys in (gateway/http/auth.py MODEL_READERS).
+    for path, operations in paths.items():
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            operations["get"]["x-accepted-scopes"] = [scope.value for scope in MODEL_READERS]
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM Gateway", "version": "1",
@@ -280,7 +284,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "A key from AUTH_KEYS_FILE; each route needs one scope "
-                                                          "(x-required-scope)."}},
+                                                          "(x-required-scope), or one of "
+                                                          "x-accepted-scopes where listed."}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "code", "param"], "properties": {

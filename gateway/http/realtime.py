@@ -31,7 +31,7 @@ from gateway.http.appkeys import (
     UPSTREAM,
     UPSTREAM_POOL,
 )
-from gateway.http.auth import requires_scope
+from gateway.http.auth import reads_models, requires_scope
 from gateway.http.errors import error_body, parse_json_object
 from gateway.keys import Scope
 from gateway.settings import Settings
@@ -410,7 +410,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _proxy(request, "/v1/chat/completions", chat=True)
 
 
-@requires_scope(Scope.REALTIME)
+@reads_models
 async def models(request: web.Request) -> web.StreamResponse:
     """GET /v1/models: the runtime's list, plus the configured aliases of the realtime model."""
     app = request.app
