@@ -135,7 +135,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "/ready": {"get": _op("Readiness: runtime and Redis", None, {200: {"type": "object"}},
                               errors=(503,), tag="system")},
         "/metrics": {"get": _op("Prometheus metrics", "monitor",
-                                {200: {"text/plain": {"schema": {"type": "string"}}}}, tag="system")},
+                                {200: {"text/plain": {"schema": {"type": "string"}},
+                                       "application/openmetrics-text": {"schema": {"type": "string"}}}}, tag="system")},
         "/monitor/key_usage": {"get": _op("Usage per key for one UTC day", "monitor", {200: _LIST}, params=(
             _LIMIT, _query("bucket", {"type": "string", "pattern": "^[0-9]{8}$"})), tag="monitor")},
         "/v1/completions": {"post": _op("Completion (OpenAI), proxied to the runtime", "realtime",
