@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import SETTINGS, UPLOADS
-from gateway.openai_batches.lines import read_lines
+from gateway.openai_batches.lines import YIELD_LINES, read_lines
 from tests.conftest import (
     KEY_IDS,
     REALTIME_MODEL,
@@ -275,7 +276,7 @@ async def test_create_validation_ownership_and_scope(gateway: Any) -> None:
     api = sdk(gateway)
     f = await api.files.create(file=("in.jsonl", jsonl([line("a")])), purpose="batch")
     bad = [
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
+        ({"endpoint": "/v1/moderations"}, "endpoint"),
         ({"completion_window": "1h"}, "completion_window"),
         ({"priority": 10}, "priority"),
         ({"priority": True}, "priority"),
@@ -352,6 +353,32 @@ async def test_read_lines_bounds_memory_and_numbers_lines(tmp_path: Any) -> None
     path.write_bytes(b"a\n\n" + b"x" * 50 + b"\nb\r\n" + b"y" * 3000 + b"\nlast")
     got = [(r.number, r.data) async for r in read_lines(path, path.stat().st_size, max_line_bytes=40)]
     assert got == [(1, b"a"), (3, None), (4, b"b\r"), (5, None), (6, b"last")]
+
+
+async def test_read_lines_yields_to_the_loop_through_blank_lines(tmp_path: Any) -> None:
+    """Blank lines are never handed to the consumer, so the reader itself must let the loop run."""
+    path = tmp_path / "blank.jsonl"
+    blank = 2 * 1024 * 1024  # 2 Mi newlines: 8 blocks of READ_SIZE
+    path.write_bytes(b"\n" * blank + b'{"custom_id": "x"}\n' + b" \r\n" * 1000)
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        got = [(r.number, r.data) async for r in read_lines(path, path.stat().st_size, max_line_bytes=1024)]
+    finally:
+        done = True
+        await task
+    assert got == [(blank + 1, b'{"custom_id": "x"}')]
+    # One yield per block only would give the ticker ~8 turns; one per YIELD_LINES lines gives ~1000.
+    assert ticks >= (blank + 1000) // YIELD_LINES
 
 
 async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, redis_prefix: str,
