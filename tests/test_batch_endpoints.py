@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACCOUNTANT
 from gateway.tokens import response_tokens, usage_tokens
-from tests.conftest import KEY_IDS, REALTIME_MODEL, auth, eventually, wait_ready
+from tests.conftest import KEY_IDS, REALTIME_MODEL, TOKENS, auth, eventually, wait_ready
 from tests.test_files import _CLIENTS, _close_sdk_clients, sdk  # noqa: F401 (an autouse fixture)
 
 DIM = 8
@@ -236,3 +236,35 @@ async def test_batches_refuse_an_unknown_endpoint(gw: Any) -> None:
         await api.batches.create(input_file_id=f.id, endpoint="/v1/moderations",  # type: ignore[arg-type]
                                  completion_window="24h")
     assert "/v1/embeddings" in info.value.message and "/v1/responses" in info.value.message
+
+
+@pytest.fixture
+def litellm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """LiteLLM as a library, offline: its model cost map from the package, not fetched at import."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm as module
+
+    return module
+
+
+async def test_litellm_batch_functions_with_embeddings(gw: Any, runtime: FakeRuntime, litellm: Any,
+                                                       tmp_path: Any) -> None:
+    common = {"custom_llm_provider": "openai", "api_base": str(gw.make_url("/v1")), "api_key": TOKENS["batch"]}
+    rows = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/embeddings",
+             "body": {"model": REALTIME_MODEL, "input": f"lite {i}"}} for i in range(3)]
+    path = tmp_path / "lite.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    with path.open("rb") as handle:
+        created = await litellm.acreate_file(file=handle, purpose="batch", **common)
+    batch = await litellm.acreate_batch(completion_window="24h", endpoint="/v1/embeddings",
+                                        input_file_id=created.id, **common)
+
+    async def finished() -> Any:
+        b = await litellm.aretrieve_batch(batch_id=batch.id, **common)
+        return b if b.status in ("completed", "failed") else None
+
+    done = await eventually(finished, timeout=30, interval=0.2)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    content = await litellm.afile_content(file_id=done.output_file_id, **common)
+    out = {o["custom_id"]: o for o in map(orjson.loads, content.content.splitlines())}
+    assert out["l2"]["response"]["body"]["data"][0]["embedding"] == _vector("lite 2")
