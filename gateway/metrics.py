@@ -43,7 +43,7 @@ class ChildCache:
 
 # No `<counter>_created` / `<histogram>_created` series: one per labelled child (60-odd) that no dashboard
 # or rule reads (process start time is process_start_time_seconds). Process-wide, so set before any metric.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -262,5 +262,5 @@ def wants_openmetrics(accept: str | None) -> bool:
 def render(accept: str | None = None) -> tuple[bytes, str]:
     """Every metric, in the format the Accept header asks for: (body, Content-Type)."""
     if wants_openmetrics(accept):
-        return _generate_openmetrics(REGISTRY), OPENMETRICS_CONTENT_TYPE
+        return _generate_openmetrics(REGISTRY), OPENMETRICS_CONTENT_TYPE  # type: ignore[no-untyped-call]
     return _generate_latest(REGISTRY), PROMETHEUS_CONTENT_TYPE

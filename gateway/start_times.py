@@ -50,7 +50,7 @@ class StartTimeStore:
             except ValueError:
                 continue
             if math.isfinite(seconds) and seconds > 0:
-                known[model.decode(errors="replace")] = seconds
+                known[model.decode(errors="replace") if isinstance(model, bytes) else str(model)] = seconds
         return known
 
     async def record(self, model: str, seconds: float) -> None:
