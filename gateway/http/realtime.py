@@ -35,6 +35,7 @@ from gateway.http.auth import reads_models, requires_scope
 from gateway.http.errors import error_body, parse_json_object
 from gateway.keys import Scope
 from gateway.settings import Settings
+from gateway.tokens import response_tokens
 from gateway.upstream import Exchange, UpstreamError
 
 log = structlog.get_logger(component="realtime")
@@ -135,10 +136,8 @@ def _upstream_error(kind: str, exc: BaseException | None = None) -> ApiError:
 
 
 def _usage_of(obj: Any) -> tuple[int, int]:
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    # One reading of usage for every endpoint (gateway/tokens.py), stream events included.
+    return response_tokens(obj)
 
 
 async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
