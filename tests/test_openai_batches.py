@@ -334,8 +334,10 @@ async def test_input_file_of_an_active_batch_cannot_be_deleted(aiohttp_client: A
     await wait_ready(client.app)
     api = sdk(client, "all")  # batch and upload scopes: the file can be deleted through both APIs
     batch = await run_batch(api, jsonl([line(f"d{i}") for i in range(100)]))
-    with pytest.raises(openai.ConflictError):
+    with pytest.raises(openai.ConflictError) as info:
         await api.files.delete(batch.input_file_id)
+    # A permanent answer: the SDK is told not to retry it (it retries a bare 409).
+    assert info.value.code == "file_in_use" and info.value.response.headers["x-should-retry"] == "false"
     # TUS termination of the same bytes is refused too.
     upload_url = "/v1/upload/" + batch.input_file_id.removeprefix("file-")
     resp = await client.delete(upload_url, headers={**auth("all"), "Tus-Resumable": "1.0.0"})
