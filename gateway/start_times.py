@@ -15,6 +15,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.redis_codec import text_hash
 from gateway.redis_keys import RedisKeys
 
 log = structlog.get_logger(component="start_times")
@@ -44,13 +45,13 @@ class StartTimeStore:
             log.warning("start_times_unreadable", error=str(exc))
             return {}
         known: dict[str, float] = {}
-        for model, value in raw.items():
+        for model, value in text_hash(raw).items():
             try:
                 seconds = float(value)
             except ValueError:
                 continue
             if math.isfinite(seconds) and seconds > 0:
-                known[model.decode(errors="replace") if isinstance(model, bytes) else str(model)] = seconds
+                known[model] = seconds
         return known
 
     async def record(self, model: str, seconds: float) -> None:

@@ -18,8 +18,7 @@ from aiohttp import web
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACCOUNTANT
 from gateway.tokens import response_tokens, usage_tokens
-from tests.conftest import KEY_IDS, REALTIME_MODEL, TOKENS, auth, eventually, wait_ready
-from tests.test_files import _CLIENTS, _close_sdk_clients, sdk  # noqa: F401 (an autouse fixture)
+from tests.conftest import KEY_IDS, REALTIME_MODEL, TOKENS, auth, eventually, sdk, wait_ready
 
 DIM = 8
 

@@ -106,7 +106,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     """Enforce the scope a handler declares with `requires_scope`; routes without one are 404/405."""
     scope = getattr(request.match_info.handler, "required_scope", _MISSING)
     if not isinstance(scope, Scope) or request.match_info.http_exception is not None:
-        return await handler(request)  # public (None), undeclared, or no route: 404/405 follow
+        return await handler(request)
     header = request.headers.get("Authorization", "")
     if not header and scope is Scope.MONITOR:
         # Browsers cannot send a bearer header: a valid dashboard session cookie stands in for it, on
