@@ -4,7 +4,7 @@
     python3 run_eval.py list [--base-model]
     python3 run_eval.py prepare <eval> <model> [--limit N] [--seed S] [--max-tokens N]
                                               [--few-shot N] [--temperature T] [--json-mode]
-    python3 run_eval.py score <eval> [the same options] [--allow-missing] < responses.jsonl
+    python3 run_eval.py score <eval> [options] [--same-selection [--allow-missing]] < responses.jsonl
     python3 run_eval.py version
 
 PROTOCOL.md is the contract (schemas, exit codes, error messages, versioning). Standard
@@ -14,6 +14,7 @@ library only, Python 3.9+, so it runs with any python3 and no install.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -29,7 +30,7 @@ if sys.path[0] != _HERE:
 from evals import all_evals  # noqa: E402
 from evals.common import Eval, MalformedResponse, Options, Sample, SampleResult, hash_key  # noqa: E402
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -122,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score {id, response} lines read on stdin", allow_abbrev=False)
     score.add_argument("eval_name", metavar="eval")
     _add_selection_options(score)
+    score.add_argument("--same-selection", action="store_true",
+                       help="hold stdin to the samples these options select: every one needs a line")
     score.add_argument("--allow-missing", action="store_true",
-                       help="score the answered samples when some have no line (a cancelled run)")
+                       help="with --same-selection (implied): score the answered samples when some have no "
+                            "line (a cancelled run)")
 
     commands.add_parser("version", help="the protocol version", allow_abbrev=False)
     return parser
@@ -242,8 +246,11 @@ def response_body(line: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], Optio
     return response, None
 
 
-def _read_lines(stream: IO[bytes], known: Set[str]) -> Dict[str, Dict[str, Any]]:
-    """The stdin lines by id; the first protocol problem raises with its line number."""
+def _read_lines(stream: IO[bytes], known: Set[str], among: str) -> Dict[str, Dict[str, Any]]:
+    """The stdin lines by id; the first protocol problem raises with its line number.
+
+    `known` are the ids a line may have; `among` says what they are, for the unknown_id message.
+    """
     lines: Dict[str, Dict[str, Any]] = {}
     first_line: Dict[str, int] = {}
     for number, raw in enumerate(stream, start=1):
@@ -272,8 +279,7 @@ def _read_lines(stream: IO[bytes], known: Set[str]) -> Dict[str, Dict[str, Any]]
         if sample_id not in known:
             raise ProtocolError(
                 EXIT_IDS, "unknown_id",
-                f"stdin line {number}: unknown id {sample_id!r} (not among the {len(known)} samples "
-                f"these options select)",
+                f"stdin line {number}: unknown id {sample_id!r} ({among})",
                 line=number, id=sample_id,
             )
         if sample_id in lines:
@@ -300,11 +306,24 @@ def mean_and_stderr(values: Sequence[float]) -> Tuple[Optional[float], Optional[
 
 
 def cmd_score(args: argparse.Namespace, stdin: IO[bytes]) -> List[str]:
-    """`score`: one JSON document with metrics and per-sample scores."""
+    """`score`: one JSON document with metrics and per-sample scores.
+
+    By default it scores exactly the samples that have a line on stdin, whatever selected them; with
+    --same-selection (or --allow-missing) stdin is held to what these options select, as `prepare` did.
+    """
     ev = _find_eval(args.eval_name)
     options = resolve_options(ev, args)
-    selected = [sample for sample, _shots in select(ev, options)]
-    lines = _read_lines(stdin, {sample.id for sample in selected})
+    same_selection = args.same_selection or args.allow_missing
+    if same_selection:
+        selected = [sample for sample, _shots in select(ev, options)]
+        among = f"not among the {len(selected)} samples these options select"
+        lines = _read_lines(stdin, {sample.id for sample in selected}, among)
+    else:
+        # The run order of every sample for this seed, kept to the ones answered.
+        everything = [sample for sample, _shots in select(ev, dataclasses.replace(options, limit=None))]
+        among = f"not a sample of eval {ev.name!r}, version {ev.version}"
+        lines = _read_lines(stdin, {sample.id for sample in everything}, among)
+        selected = [sample for sample in everything if sample.id in lines]
 
     missing = [sample.id for sample in selected if sample.id not in lines]
     if missing and not args.allow_missing:
@@ -352,6 +371,8 @@ def cmd_score(args: argparse.Namespace, stdin: IO[bytes]) -> List[str]:
         "eval": ev.name,
         "version": ev.version,
         "primary_metric": ev.primary_metric,
+        "n": len(samples_out),
+        "selection": "options" if same_selection else "stdin",
         "metrics": metrics,
         "counts": {
             "selected": len(selected),

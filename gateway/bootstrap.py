@@ -68,9 +68,11 @@ from gateway.http.appkeys import (
     UPSTREAM_POOL,
     USAGE,
 )
+from gateway.http.errors import retry_hint
 from gateway.keys import Keyring
 from gateway.openai_batches.manager import BatchManager
 from gateway.settings import Settings
+from gateway.start_times import StartTimeStore
 from gateway.uploads import UploadStore, UploadSweeper
 from gateway.upstream import UpstreamPool
 from gateway.usage_store import UsageStore
@@ -198,6 +200,7 @@ def create_app(settings: Settings) -> web.Application:
                           middlewares=[middleware.request_context, middleware.authenticate,
                                        middleware.body_deadline])
     app[SETTINGS] = settings
+    app.on_response_prepare.append(retry_hint)
     keyring = Keyring(settings.auth_keys_file)
     keyring.load()
     app[KEYRING] = keyring
@@ -210,7 +213,8 @@ def create_app(settings: Settings) -> web.Application:
     ctx.append(actor_ctx(ACCOUNTANT, lambda a: UsageAccountant(
         a[USAGE], buffer_max=settings.usage_buffer_max, flush_interval=settings.usage_flush_interval), 10))
     ctx.append(_upstream_ctx)
-    ctx.append(actor_ctx(SUPERVISOR, lambda a: RuntimeSupervisor(settings), 10))
+    ctx.append(actor_ctx(SUPERVISOR, lambda a: RuntimeSupervisor(
+        settings, start_times=StartTimeStore(a[REDIS], a[REDIS_KEYS])), 10))
     ctx.append(_signals_ctx)
     ctx.append(_drain_ctx)
     app.on_shutdown.append(_begin_drain)

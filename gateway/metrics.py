@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as _generate_openmetrics
 
 from gateway import __version__
 
@@ -31,6 +40,10 @@ class ChildCache:
             child = self._children[labels] = self._metric.labels(*labels)
         return child
 
+
+# No `<counter>_created` / `<histogram>_created` series: one per labelled child (60-odd) that no dashboard
+# or rule reads (process start time is process_start_time_seconds). Process-wide, so set before any metric.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
@@ -119,7 +132,7 @@ BATCH_SWAP_SECONDS = Histogram("llm_gateway_batch_swap_duration_seconds", "Time 
                                registry=REGISTRY)
 
 # --- resumable uploads (TUS)
-UPLOAD_BYTES_RECEIVED = Counter("llm_gateway_upload_bytes_received_total", "Upload bytes written to disk "
+UPLOAD_BYTES_RECEIVED = Counter("llm_gateway_upload_received_bytes_total", "Upload bytes written to disk "
                                 "and acknowledged (discarded chunks are not counted)", registry=REGISTRY)
 UPLOADS_CREATED = Counter("llm_gateway_uploads_created_total", "TUS uploads created", registry=REGISTRY)
 UPLOADS_COMPLETED = Counter("llm_gateway_uploads_completed_total", "TUS uploads that received their last "
@@ -216,6 +229,47 @@ for _action in ("restart", "swap"):
         OPERATOR_ACTIONS.labels(_action, _outcome)
 
 
-def render() -> bytes:
-    """The Prometheus text exposition of every metric."""
-    return _generate_latest(REGISTRY)
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _media_ranges(accept: str) -> list[tuple[str, float]]:
+    """The media types of an Accept header with their q, most wanted first (header order breaks ties)."""
+    ranges: list[tuple[str, float, int]] = []
+    for position, part in enumerate(accept.split(",")):
+        media, *params = (piece.strip() for piece in part.split(";"))
+        if not media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            ranges.append((media.lower(), q, position))
+    ranges.sort(key=lambda r: (-r[1], r[2]))
+    return [(media, q) for media, q, _ in ranges]
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """True when the client prefers OpenMetrics text to the Prometheus text format.
+
+    Content negotiation as Prometheus's scrapers expect it: the most preferred (by q) of
+    application/openmetrics-text and text/plain wins; `*/*`, no header or neither gets the Prometheus
+    text format, which every scraper reads.
+    """
+    for media, _q in _media_ranges(accept or ""):
+        if media == "application/openmetrics-text":
+            return True
+        if media in ("text/plain", "text/*", "*/*"):
+            return False
+    return False
+
+
+def render(accept: str | None = None) -> tuple[bytes, str]:
+    """Every metric, in the format the Accept header asks for: (body, Content-Type)."""
+    if wants_openmetrics(accept):
+        return _generate_openmetrics(REGISTRY), OPENMETRICS_CONTENT_TYPE  # type: ignore[no-untyped-call]
+    return _generate_latest(REGISTRY), PROMETHEUS_CONTENT_TYPE

@@ -197,3 +197,9 @@ class RedisKeys:
     def fleet_upload_dir_id(self) -> str:
         """The id written in the shared UPLOAD_DIR's marker file by the first node (string)."""
         return f"{self.prefix}{{fleet}}:upload_dir_id"
+
+    # --- runtime start times (gateway/start_times.py)
+    @property
+    def runtime_start_seconds(self) -> str:
+        """Model -> seconds its last measured runtime start took, shared by the fleet (hash)."""
+        return f"{self.prefix}runtime_start_seconds"

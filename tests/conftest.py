@@ -46,6 +46,9 @@ TOKENS: dict[str, str] = {name: token for name, (_, token, _) in KEYS.items()}
 KEY_IDS: dict[str, str] = {name: key_id for name, (key_id, _, _) in KEYS.items()}
 
 configure_logging("warning", "console")
+# LiteLLM (a client under test) fetches its model cost map from the network at import unless told to use
+# the copy it ships; tests run offline.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 @pytest.hookimpl(hookwrapper=True)

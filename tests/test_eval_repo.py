@@ -170,7 +170,7 @@ def test_list_base_model_keeps_only_the_evals_that_suit_base_models(listing: lis
 
 
 def test_version_prints_the_protocol_version() -> None:
-    assert ok_json("version") == {"protocol_version": 1}
+    assert ok_json("version") == {"protocol_version": 2}
 
 
 # --- prepare ----------------------------------------------------------------------------------
@@ -260,7 +260,8 @@ def test_score_perfect_and_wrong_answers(name: str, expected_by_id: dict[str, di
         assert metric == {"value": 1.0, "stderr": 0.0, "n": 20}
     assert perfect["counts"] == {"selected": 20, "answered": 20, "errors": 0, "missing": 0}
     assert all(s["score"] == 1.0 and s["error"] is None for s in perfect["samples"])
-    assert perfect["eval"] == name and perfect["version"] == 1 and perfect["protocol_version"] == 1
+    assert perfect["eval"] == name and perfect["version"] == 1 and perfect["protocol_version"] == 2
+    assert perfect["n"] == 20 and perfect["selection"] == "stdin"
 
     # Lines in any order: the document keeps the selection's order.
     wrong_lines = [{"id": i, "response": wrong_answer(name, e)} for i, e in expected.items()]
@@ -428,28 +429,57 @@ def test_bad_json_on_stdin_names_the_line(expected_by_id: dict[str, dict[str, An
         assert error["line"] == 1 and error["message"].startswith("stdin line 1: expected an object")
 
 
+def test_score_takes_exactly_the_lines_given(expected_by_id: dict[str, dict[str, Any]]) -> None:
+    """The seed's documented flow: `prepare --limit 20`, then `score <eval>` with the responses alone."""
+    requests = prepare("arithmetic", "m", "--limit", "20")
+    expected = expected_by_id["arithmetic"]
+    lines = [{"id": r["id"], "response": right_answer("arithmetic", expected[r["id"]])} for r in requests]
+    doc = ok_json("score", "arithmetic", stdin=jsonl(lines[::-1]))
+    assert doc["n"] == 20 and doc["metrics"]["accuracy"] == {"value": 1.0, "stderr": 0.0, "n": 20}
+    assert doc["counts"] == {"selected": 20, "answered": 20, "errors": 0, "missing": 0}
+    assert [s["id"] for s in doc["samples"]] == [r["id"] for r in requests]  # the run order, not stdin's
+    # Any subset is scored as it is: 7 lines give n = 7, nothing is "missing".
+    seven = ok_json("score", "arithmetic", "--limit", "3", stdin=jsonl(lines[:7]))
+    assert seven["n"] == 7 and seven["counts"]["missing"] == 0 and seven["missing_ids"] == []
+    # Held to prepare's selection, as before: the same lines are then 13 short.
+    error = expect_error(run("score", "arithmetic", "--same-selection", "--limit", "20", stdin=jsonl(lines[:7])),
+                         5, "missing_ids")
+    assert len(error["missing"]) == 13
+    held = ok_json("score", "arithmetic", "--same-selection", "--limit", "20", stdin=jsonl(lines))
+    assert held["n"] == 20 and held["selection"] == "options"
+
+
 def test_unknown_duplicate_and_missing_ids_exit_5(expected_by_id: dict[str, dict[str, Any]]) -> None:
     ids = list(expected_by_id["mc-logprobs"])
     line = {"id": ids[0], "response": completion(" A")}
 
-    error = expect_error(run("score", "mc-logprobs", "--limit", "20",
+    error = expect_error(run("score", "mc-logprobs",
                              stdin=jsonl([line, {"id": "mc-logprobs-999", "response": None}])), 5, "unknown_id")
     assert (error["line"], error["id"]) == (2, "mc-logprobs-999")
+    assert error["message"] == ("stdin line 2: unknown id 'mc-logprobs-999' (not a sample of eval "
+                                "'mc-logprobs', version 1)")
+    error = expect_error(run("score", "mc-logprobs", "--same-selection", "--limit", "20",
+                             stdin=jsonl([line, {"id": "mc-logprobs-999", "response": None}])), 5, "unknown_id")
     assert error["message"] == ("stdin line 2: unknown id 'mc-logprobs-999' (not among the 20 samples "
                                 "these options select)")
+    # Another eval's id is unknown too.
+    expect_error(run("score", "arithmetic", stdin=jsonl([line])), 5, "unknown_id")
 
-    error = expect_error(run("score", "mc-logprobs", "--limit", "20", stdin=jsonl([line, line])), 5, "duplicate_id")
-    assert (error["line"], error["first_line"], error["id"]) == (2, 1, ids[0])
-    assert error["message"] == f"stdin line 2: duplicate id '{ids[0]}' (first on line 1)"
+    for options in ((), ("--same-selection", "--limit", "20")):
+        error = expect_error(run("score", "mc-logprobs", *options, stdin=jsonl([line, line])), 5, "duplicate_id")
+        assert (error["line"], error["first_line"], error["id"]) == (2, 1, ids[0])
+        assert error["message"] == f"stdin line 2: duplicate id '{ids[0]}' (first on line 1)"
 
-    error = expect_error(run("score", "mc-logprobs", "--limit", "20", stdin=jsonl([line])), 5, "missing_ids")
+    error = expect_error(run("score", "mc-logprobs", "--same-selection", "--limit", "20", stdin=jsonl([line])), 5,
+                         "missing_ids")
     assert error["missing"] == ids[1:]
     assert error["message"] == (f"19 of the 20 selected samples have no line on stdin: "
                                 f"{', '.join(ids[1:11])} and 9 more")
 
-    # Scoring with other selection options than prepare used is caught the same way.
+    # Held to the selection, other selection options than prepare used are caught the same way.
     lines = [{"id": i, "response": completion(" A")} for i in ids]
-    expect_error(run("score", "mc-logprobs", "--limit", "20", "--seed", "1", stdin=jsonl(lines)), 5, "unknown_id")
+    expect_error(run("score", "mc-logprobs", "--same-selection", "--limit", "20", "--seed", "1",
+                     stdin=jsonl(lines)), 5, "unknown_id")
 
 
 @pytest.mark.parametrize(("args", "message"), [

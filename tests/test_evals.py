@@ -240,7 +240,7 @@ def _broken_repo(tmp_path: Path, score_reply: str, exit_code: int) -> Path:
     ('{"error": {"code": "duplicate_id", "message": "stdin line 2: duplicate id \'arithmetic-001\'"}}', 5,
      "duplicate_id", "stdin line 2: duplicate id"),
     ("not json at all", 0, "bad_output", "did not print a JSON document"),
-    ('{"protocol_version": 2, "metrics": {}}', 0, "protocol_version", "protocol version 2"),
+    ('{"protocol_version": 1, "metrics": {}}', 0, "protocol_version", "protocol version 1"),
     ("", 1, "internal", "run_eval.py: error: broken"),
 ])
 async def test_protocol_error_in_score_is_a_failed_run(aiohttp_client: Any, make_settings: Any, tmp_path: Path,

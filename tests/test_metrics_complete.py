@@ -291,3 +291,62 @@ async def test_prometheus_scrapes_the_gateway_with_the_example_config(aiohttp_cl
         _, err = await proc.communicate()
         assert proc.returncode is not None
     assert b"level=error" not in err, err.decode()[-2000:]
+
+
+# Prometheus 2.x's own Accept header when it scrapes (scrape/scrape.go, acceptHeader).
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+@pytest.mark.parametrize(("accept", "openmetrics"), [
+    (PROMETHEUS_ACCEPT, True),
+    ("application/openmetrics-text; version=1.0.0; charset=utf-8", True),
+    (None, False),
+    ("*/*", False),
+    ("text/plain", False),
+    ("text/plain;q=1, application/openmetrics-text;q=0.5", False),
+    ("text/plain;q=0.2, application/openmetrics-text;q=0.5", True),
+    ("application/openmetrics-text;q=0, text/plain", False),
+    ("application/json", False),
+])
+async def test_metrics_format_follows_the_accept_header(gateway: Any, accept: str | None, openmetrics: bool) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    headers = {**auth("monitor"), **({"Accept": accept} if accept is not None else {})}
+    resp = await gateway.get("/metrics", headers=headers)
+    assert resp.status == 200
+    text = await resp.text()
+    assert "Accept" in resp.headers["Vary"]
+    if openmetrics:
+        assert resp.headers["Content-Type"] == "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        assert text.endswith("# EOF\n")
+        families = list(openmetrics_families(text))  # the strict OpenMetrics parser
+    else:
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert "# EOF" not in text
+        families = list(text_string_to_metric_families(text))
+    names = {sample.name for family in families for sample in family.samples}
+    assert "llm_gateway_http_requests_total" in names
+    assert not [n for n in names if n.endswith("_created") and n != "llm_gateway_uploads_created"], \
+        "a _created series is exposed"
+
+
+def test_metric_names_follow_prometheus_conventions() -> None:
+    """Base units, the unit last (before _total on counters), counters ending in _total; promtool agrees."""
+    families = list(metrics.REGISTRY.collect())
+    assert len(families) >= 40
+    for family in families:
+        series = family.name + ("_total" if family.type == "counter" else "")
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", series), series
+        words = family.name.split("_")
+        for unit in ("seconds", "bytes"):
+            if unit in words:
+                assert words[-1] == unit, f"{series}: the unit '{unit}' belongs at the end of the name"
+        for wrong in ("milliseconds", "ms", "kilobytes", "megabytes", "percent", "minutes", "hours"):
+            assert wrong not in words, f"{series}: use a base unit (seconds, bytes, ratio)"
+    assert "llm_gateway_upload_received_bytes" in {f.name for f in families}
+    # promtool's linter (it reads the Prometheus text format) flags non-base units, counters without
+    # _total, missing help, and more.
+    body, _ = metrics.render(None)
+    lint = subprocess.run([prom_tool("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import SETTINGS, UPLOADS
-from gateway.openai_batches.lines import read_lines
+from gateway.openai_batches.lines import YIELD_LINES, read_lines
 from tests.conftest import (
     KEY_IDS,
     REALTIME_MODEL,
@@ -280,7 +281,7 @@ async def test_create_validation_ownership_and_scope(gateway: Any) -> None:
     api = sdk(gateway)
     f = await api.files.create(file=("in.jsonl", jsonl([line("a")])), purpose="batch")
     bad = [
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
+        ({"endpoint": "/v1/moderations"}, "endpoint"),
         ({"completion_window": "1h"}, "completion_window"),
         ({"priority": 10}, "priority"),
         ({"priority": True}, "priority"),
@@ -340,8 +341,10 @@ async def test_input_file_of_an_active_batch_cannot_be_deleted(aiohttp_client: A
     await wait_ready(client.app)
     api = sdk(client, "all")  # batch and upload scopes: the file can be deleted through both APIs
     batch = await run_batch(api, jsonl([line(f"d{i}") for i in range(100)]))
-    with pytest.raises(openai.ConflictError):
+    with pytest.raises(openai.ConflictError) as info:
         await api.files.delete(batch.input_file_id)
+    # A permanent answer: the SDK is told not to retry it (it retries a bare 409).
+    assert info.value.code == "file_in_use" and info.value.response.headers["x-should-retry"] == "false"
     # TUS termination of the same bytes is refused too.
     upload_url = "/v1/upload/" + batch.input_file_id.removeprefix("file-")
     resp = await client.delete(upload_url, headers={**auth("all"), "Tus-Resumable": "1.0.0"})
@@ -359,6 +362,54 @@ async def test_read_lines_bounds_memory_and_numbers_lines(tmp_path: Any) -> None
     path.write_bytes(b"a\n\n" + b"x" * 50 + b"\nb\r\n" + b"y" * 3000 + b"\nlast")
     got = [(r.number, r.data) async for r in read_lines(path, path.stat().st_size, max_line_bytes=40)]
     assert got == [(1, b"a"), (3, None), (4, b"b\r"), (5, None), (6, b"last")]
+
+
+@pytest.mark.parametrize("read_size", [1, 2, 3, 7, 64, 256 * 1024])
+async def test_read_lines_numbers_lines_across_block_boundaries(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                read_size: int) -> None:
+    import gateway.openai_batches.lines as lines_module
+
+    monkeypatch.setattr(lines_module, "READ_SIZE", read_size)
+    pieces = [b"", b"", b"a", b"", b" ", b"", b"", b"", b"bc" * 9, b"", b"\r", b"d", b"x" * 30, b"", b"", b"e"]
+    data = b"\n".join(pieces * 3) + b"\n\n\nlast"
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(data)
+    want = []
+    for number, piece in enumerate(data.split(b"\n"), start=1):
+        if len(piece) > 20:
+            want.append((number, None))
+        elif piece.strip():
+            want.append((number, piece))
+    got = [(r.number, r.data) async for r in read_lines(path, len(data), max_line_bytes=20)]
+    assert got == want
+
+
+async def test_read_lines_yields_to_the_loop_through_blank_lines(tmp_path: Any) -> None:
+    """Blank lines are never handed to the consumer, so the reader itself must let the loop run."""
+    path = tmp_path / "blank.jsonl"
+    # Runs of empty lines are counted at C speed; lines of whitespace take a Python turn each.
+    empty, spaces = 2 * 1024 * 1024, 1024 * 1024
+    blank = empty + spaces
+    path.write_bytes(b"\n" * empty + b" \n" * spaces + b'{"custom_id": "x"}\n' + b" \r\n" * 1000)
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        got = [(r.number, r.data) async for r in read_lines(path, path.stat().st_size, max_line_bytes=1024)]
+    finally:
+        done = True
+        await task
+    assert got == [(blank + 1, b'{"custom_id": "x"}')]
+    # One yield per block only would give the ticker ~16 turns; one per YIELD_LINES lines gives ~500 more.
+    assert ticks >= (spaces + 1000) // YIELD_LINES
 
 
 async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, redis_prefix: str,

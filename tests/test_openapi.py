@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway.bootstrap import create_app
+from gateway.http.auth import accepted_scopes
 from gateway.http.openapi import build_spec
 from tests.conftest import KEYS, REALTIME_MODEL, TOKENS
 from tests.liveproc import gateway_env, start_gateway, stop_gateway
@@ -61,6 +62,8 @@ async def test_spec_lists_exactly_the_routes_of_the_app(make_settings: Any) -> N
         operation = spec["paths"][route.resource.canonical][route.method.lower()]
         scope = route.handler.required_scope
         assert operation.get("x-required-scope") == (scope.value if scope else None), route
+        accepted = sorted(s.value for s in accepted_scopes(route.handler))
+        assert sorted(operation.get("x-accepted-scopes", accepted if len(accepted) == 1 else [])) == accepted, route
         assert bool(operation["security"]) == (scope is not None), route
 
 

@@ -147,7 +147,7 @@ def sample(name: str) -> float:
 async def test_tuspy_uploads_in_chunks_with_checksums_and_metadata(gw: Client, upload_dir: Path) -> None:
     data = os.urandom(11 * MiB + 123)  # chunks above the 4 MiB realtime body limit must work
     created, completed = sample("llm_gateway_uploads_created_total"), sample("llm_gateway_uploads_completed_total")
-    received = sample("llm_gateway_upload_bytes_received_total")
+    received = sample("llm_gateway_upload_received_bytes_total")
     tus = tus_client.TusClient(str(gw.make_url("/v1/upload/")), headers=auth("upload"))
 
     def run() -> str:
@@ -175,7 +175,7 @@ async def test_tuspy_uploads_in_chunks_with_checksums_and_metadata(gw: Client, u
     assert (upload_dir / f"{info.id}.bin").stat().st_size == len(data)
     assert sample("llm_gateway_uploads_created_total") == created + 1
     assert sample("llm_gateway_uploads_completed_total") == completed + 1
-    assert sample("llm_gateway_upload_bytes_received_total") == received + len(data)
+    assert sample("llm_gateway_upload_received_bytes_total") == received + len(data)
 
 
 async def test_tuspy_interrupted_then_resumed_from_head_offset(gw: Client) -> None:

@@ -40,6 +40,7 @@ from gateway.fleet.store import FleetStore
 from gateway.redis_client import REDIS_ERRORS, REDIS_OR_OS_ERRORS
 from gateway.redis_codec import text
 from gateway.settings import RuntimeBackend, Settings
+from gateway.tokens import usage_tokens
 
 if TYPE_CHECKING:
     from gateway.actors.usage import UsageAccountant
@@ -842,8 +843,7 @@ class BatchDispatcher(Actor[Never]):
                 usage = parsed["usage"]
         except orjson.JSONDecodeError:
             pass
-        prompt = int((usage or {}).get("prompt_tokens") or 0)
-        completion = int((usage or {}).get("completion_tokens") or 0)
+        prompt, completion = usage_tokens(usage)
         self._usage(job, True, prompt, completion)
         fields: dict[str, str | bytes] = {
             "status": JobStatus.COMPLETED.value, "claim": "", "finished_at": repr(time.time()),

@@ -35,6 +35,7 @@ from gateway.backends import RuntimeBackend, make_backend
 from gateway.backends.base import ExitInfo
 from gateway.flavours import flavour_for
 from gateway.settings import Settings
+from gateway.start_times import StartTimeStore
 
 
 class RuntimeState(StrEnum):
@@ -47,6 +48,12 @@ class RuntimeState(StrEnum):
     FAILED = "failed"
     SLEEPING = "sleeping"
     """vLLM sleep mode (batch swaps with RUNTIME_SLEEP_MODE): process kept, weights in host memory."""
+
+
+RETRY_AFTER_MAX = 120
+"""The longest Retry-After sent: the openai SDK sleeps a Retry-After of up to 120 s (its
+MAX_RETRY_AFTER_DELAY) and gives up at once on a longer one, so a slow start is announced as 120 s and
+the client asks again then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +75,11 @@ class RuntimeSnapshot:
         return self.state is RuntimeState.READY and self.base_url is not None
 
     def retry_after(self, now: float | None = None) -> int:
-        """Whole seconds a client should wait before retrying (at least 1)."""
+        """Whole seconds a client should wait before retrying (1 to RETRY_AFTER_MAX)."""
         now = time.time() if now is None else now
         if self.ready_eta is None:
             return 5
-        return max(1, math.ceil(self.ready_eta - now))
+        return min(RETRY_AFTER_MAX, max(1, math.ceil(self.ready_eta - now)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +147,12 @@ class RuntimeSupervisor(Actor[_Message]):
     history_size = 200
 
     def __init__(self, settings: Settings, backend: RuntimeBackend | None = None, *,
-                 role: str = "realtime", clock: Callable[[], float] = time.monotonic) -> None:
+                 role: str = "realtime", clock: Callable[[], float] = time.monotonic,
+                 start_times: StartTimeStore | None = None) -> None:
         self.role = role
         self.clock = clock
         """Monotonic seconds for the restart backoff (injectable: unit tests drive it by hand)."""
+        self.start_times = start_times
         if role != "realtime":
             self.name = f"{role}_runtime"
         super().__init__()
@@ -195,6 +204,12 @@ class RuntimeSupervisor(Actor[_Message]):
             return
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
+        if self.start_times is not None:
+            # Measured starts (this fleet's, before this process) are the first Retry-After estimate.
+            for model, seconds in (await self.start_times.load()).items():
+                self._start_durations.setdefault(model, seconds)
+            if self._last_start_duration is None:
+                self._last_start_duration = self._start_durations.get(self.settings.realtime_model)
         self._adopt_pending = True
         await super().start()
         self.tell(_Want(self.settings.realtime_model))
@@ -533,6 +548,8 @@ class RuntimeSupervisor(Actor[_Message]):
                 self._set(state=RuntimeState.READY, model=model, base_url=url, ready_eta=None)
                 self.log.info("runtime_ready", model=model, base_url=url, adopted=adopted,
                               start_seconds=round(duration, 2))
+                if not adopted and self.start_times is not None:
+                    await self.start_times.record(model, duration)
                 ready_at = self.clock()
                 try:
                     info = await exit_task

@@ -39,6 +39,8 @@ class Endpoint(StrEnum):
 
     COMPLETIONS = "/v1/completions"
     CHAT_COMPLETIONS = "/v1/chat/completions"
+    EMBEDDINGS = "/v1/embeddings"
+    RESPONSES = "/v1/responses"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +75,7 @@ def parse_submission(data: dict[str, Any], endpoint: Endpoint, *, max_metadata_i
     if data.get("stream"):
         raise bad_request("Batch jobs do not stream: drop 'stream' (or set it to false) and poll the job's "
                           "status_url for the result.", param="stream")
-    if endpoint is Endpoint.COMPLETIONS:
-        prompt = data.get("prompt")
-        if prompt is None or prompt == "" or prompt == []:
-            raise bad_request("'prompt' is required: a string or a list of strings/token ids.", param="prompt")
-        if not isinstance(prompt, (str, list)):
-            raise bad_request(f"'prompt' must be a string or a list, not {_json_type(prompt)}.", param="prompt")
-    else:
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("'messages' is required: a non-empty list of {role, content} objects.",
-                              param="messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise bad_request(f"messages[{i}] must be an object with a string 'role'.",
-                                  param=f"messages[{i}]")
+    _check_input(data, endpoint)
     priority = data.get("priority", 0)
     if priority is None:
         priority = 0
@@ -110,6 +98,43 @@ def parse_submission(data: dict[str, Any], endpoint: Endpoint, *, max_metadata_i
     body.pop("stream_options", None)
     return Submission(endpoint=endpoint, model=model, priority=priority, metadata=metadata,
                       body=orjson.dumps(body))
+
+
+def _check_input(data: dict[str, Any], endpoint: Endpoint) -> None:
+    """The part of the body each endpoint cannot do without (the runtime checks the rest)."""
+    if endpoint is Endpoint.COMPLETIONS:
+        prompt = data.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise bad_request("'prompt' is required: a string or a list of strings/token ids.", param="prompt")
+        if not isinstance(prompt, (str, list)):
+            raise bad_request(f"'prompt' must be a string or a list, not {_json_type(prompt)}.", param="prompt")
+    elif endpoint is Endpoint.CHAT_COMPLETIONS:
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' is required: a non-empty list of {role, content} objects.",
+                              param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad_request(f"messages[{i}] must be an object with a string 'role'.",
+                                  param=f"messages[{i}]")
+    elif endpoint is Endpoint.EMBEDDINGS:
+        given = data.get("input")
+        if given is None or given == "" or given == []:
+            raise bad_request("'input' is required: a string, a list of strings, or a list of token ids (or of "
+                              "lists of token ids) to embed.", param="input")
+        if not isinstance(given, (str, list)):
+            raise bad_request(f"'input' must be a string or a list, not {_json_type(given)}.", param="input")
+    else:
+        given = data.get("input")
+        if given is None or given == "" or given == []:
+            raise bad_request("'input' is required: a string, or a non-empty list of input items (messages).",
+                              param="input")
+        if not isinstance(given, (str, list)):
+            raise bad_request(f"'input' must be a string or a list of input items, not {_json_type(given)}.",
+                              param="input")
+        if data.get("background"):
+            raise bad_request("Batch jobs run in the background already: drop 'background' (or set it to "
+                              "false) and poll the job's status_url for the result.", param="background")
 
 
 def _json_type(value: object) -> str:

@@ -14,7 +14,7 @@ from gateway.evals.process import run_program
 
 log = structlog.get_logger(component="eval_repo")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # API option name -> run_eval.py flag. `prepare` and `score` take the same options (PROTOCOL.md, Options).
 OPTION_FLAGS: dict[str, str] = {
@@ -100,9 +100,13 @@ class EvalRepo:
         return lines
 
     async def score(self, eval_name: str, options: Mapping[str, Any], lines: Iterable[bytes]) -> dict[str, Any]:
-        """The score document for the `{id, response}` / `{id, error}` lines."""
+        """The score document for the `{id, response}` / `{id, error}` lines.
+
+        The run answered every sample its options select (a failed request is an `{id, error}` line), so
+        it asks `score` to hold stdin to that selection: a lost answer is an error, not a smaller n.
+        """
         stdin = b"".join(line.rstrip(b"\n") + b"\n" for line in lines)
-        out = await self._call(["score", eval_name, *option_args(options)], stdin=stdin)
+        out = await self._call(["score", eval_name, *option_args(options), "--same-selection"], stdin=stdin)
         try:
             result = orjson.loads(out)
         except orjson.JSONDecodeError:

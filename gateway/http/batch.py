@@ -44,6 +44,18 @@ async def submit_chat_completion(request: web.Request) -> web.Response:
 
 
 @requires_scope(Scope.BATCH)
+async def submit_embedding(request: web.Request) -> web.Response:
+    """POST /v1/batch/embeddings: queue an embeddings request."""
+    return await _submit(request, Endpoint.EMBEDDINGS)
+
+
+@requires_scope(Scope.BATCH)
+async def submit_response(request: web.Request) -> web.Response:
+    """POST /v1/batch/responses: queue a Responses API request (not streamed, not `background`)."""
+    return await _submit(request, Endpoint.RESPONSES)
+
+
+@requires_scope(Scope.BATCH)
 async def get_job(request: web.Request) -> web.Response:
     """GET /v1/jobs/{id}: status, timings, attempts, error and (when completed) the runtime's answer."""
     job_id = request.match_info["job_id"]
@@ -87,6 +99,8 @@ def setup(app: web.Application) -> None:
     """Add the batch job routes."""
     app.router.add_post("/v1/batch/completions", submit_completion)
     app.router.add_post("/v1/batch/chat/completions", submit_chat_completion)
+    app.router.add_post("/v1/batch/embeddings", submit_embedding)
+    app.router.add_post("/v1/batch/responses", submit_response)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_delete("/v1/jobs/{job_id}", cancel_job)

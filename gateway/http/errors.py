@@ -34,6 +34,30 @@ def domain_error_response(exc: DomainError) -> web.Response:
                           headers=exc.headers, reason=exc.reason)
 
 
+SHOULD_RETRY = "x-should-retry"
+# 4xx answers a retry of the same request can fix: a timeout, rate limiting, and TUS's 423 (another
+# request holds the upload). Every other 4xx needs a change by the caller first.
+_RETRYABLE_4XX = frozenset({408, 423, 429})
+
+
+async def retry_hint(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Tell SDK clients whether retrying helps (`on_response_prepare`, so every response gets it).
+
+    The openai SDK (and the Stainless SDKs like it) retries 408, 409, 429 and 5xx unless `x-should-retry`
+    says otherwise: a permanent 4xx, 409s included (`batch_not_cancellable`, `file_in_use`, `job_finished`),
+    gets `false` so the client fails at once; a 503 with Retry-After (the runtime is starting, swapping or
+    asleep; Redis is unreachable) gets `true`. A handler that set the header itself is left alone.
+    """
+    status = response.status
+    if status < 400 or SHOULD_RETRY in response.headers:
+        return
+    if status < 500:
+        if status not in _RETRYABLE_4XX:
+            response.headers[SHOULD_RETRY] = "false"
+    elif status == 503 and "Retry-After" in response.headers:
+        response.headers[SHOULD_RETRY] = "true"
+
+
 def json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """A JSON response serialised with orjson."""
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json",

@@ -6,7 +6,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 from aiohttp import web
@@ -15,6 +15,7 @@ from gateway import metrics, redis_client
 from gateway.errors import ApiError, DomainError
 from gateway.http import session
 from gateway.http.appkeys import API_KEY, KEYRING, REQUEST_ID, SETTINGS
+from gateway.http.auth import accepted_scopes
 from gateway.http.errors import domain_error_response, error_response
 from gateway.keys import Scope
 
@@ -94,8 +95,9 @@ def _http_exception_response(request: web.Request, exc: web.HTTPException) -> we
     return error_response(exc.status, message, code=code, headers=headers)
 
 
-def _unauthorized(message: str, code: str, scope: Scope, bad_token: bool) -> ApiError:
-    challenge = f'Bearer realm="llm-gateway", scope="{scope.value}"'
+def _unauthorized(message: str, code: str, scopes: Iterable[Scope], bad_token: bool) -> ApiError:
+    # RFC 6750: scope is a space-delimited list; any one of them lets the key in.
+    challenge = f'Bearer realm="llm-gateway", scope="{" ".join(s.value for s in scopes)}"'
     if bad_token:
         challenge += ', error="invalid_token"'
     return ApiError(401, message, type="authentication_error", code=code,
@@ -123,17 +125,20 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             return redirect
     scheme, _, token = header.partition(" ")
     token = token.strip()
+    accepted = [scope, *sorted(accepted_scopes(request.match_info.handler) - {scope})]
     need = f"This route needs an API key with the '{scope.value}' scope"
+    if len(accepted) > 1:
+        need += " (or " + " or ".join(f"'{s.value}'" for s in accepted[1:]) + ")"
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized(f"{need}; send it as 'Authorization: Bearer <token>'.", "missing_api_key",
-                            scope, bad_token=False)
+                            accepted, bad_token=False)
     key = request.app[KEYRING].authenticate(token)
     if key is None:
-        raise _unauthorized(f"{need}; the token given is not a known key.", "invalid_api_key", scope,
+        raise _unauthorized(f"{need}; the token given is not a known key.", "invalid_api_key", accepted,
                             bad_token=True)
-    if not key.allows(scope):
+    if not any(key.allows(s) for s in accepted):
         have = ", ".join(sorted(s.value for s in key.scopes))
-        raise _unauthorized(f"{need}; key '{key.id}' has only: {have}.", "missing_scope", scope,
+        raise _unauthorized(f"{need}; key '{key.id}' has only: {have}.", "missing_scope", accepted,
                             bad_token=False)
     request[API_KEY] = key
     structlog.contextvars.bind_contextvars(key_id=key.id)

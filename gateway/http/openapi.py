@@ -11,8 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.batch.jobs import Endpoint
 from gateway.http.appkeys import SETTINGS
-from gateway.http.auth import public
+from gateway.http.auth import MODEL_READERS, public
 from gateway.http.errors import json_response
 from gateway.http.realtime import ENDPOINTS, Kind
 
@@ -157,6 +158,15 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}
     batch_completion_req = {**completion_req, "properties": {**completion_req["properties"], **batch_extra}}
     batch_chat_req = {**chat_req, "properties": {**chat_req["properties"], **batch_extra}}
+    batch_embedding_req = {"type": "object", "required": ["model", "input"], "properties": {
+        "model": model, "input": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1}]},
+        "encoding_format": {"type": "string", "enum": ["float", "base64"]}, **batch_extra},
+        "example": {"model": realtime_model, "input": "Hello"}}
+    batch_response_req = {"type": "object", "required": ["model", "input"], "properties": {
+        "model": model, "input": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1}]},
+        "instructions": {"type": "string"}, "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 64},
+        **batch_extra},
+        "example": {"model": realtime_model, "input": "Hello", "max_output_tokens": 4}}
     completion_ok = {"application/json": {"schema": {"$ref": "#/components/schemas/Completion"}},
                      "text/event-stream": {"schema": {"type": "string"}}}
     realtime_errors = (409, 415, 422, 429, 502, 504)
@@ -171,7 +181,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "/ready": {"get": _op("Readiness: runtime and Redis", None, {200: {"type": "object"}},
                               errors=(503,), tag="system")},
         "/metrics": {"get": _op("Prometheus metrics", "monitor",
-                                {200: {"text/plain": {"schema": {"type": "string"}}}}, tag="system")},
+                                {200: {"text/plain": {"schema": {"type": "string"}},
+                                       "application/openmetrics-text": {"schema": {"type": "string"}}}}, tag="system")},
         "/monitor/key_usage": {"get": _op("Usage per key for one UTC day", "monitor", {200: _LIST}, params=(
             _LIMIT, _query("bucket", {"type": "string", "pattern": "^[0-9]{8}$"})), tag="monitor")},
         "/v1/completions": {"post": _op("Completion (OpenAI), proxied to the runtime", "realtime",
@@ -189,6 +200,10 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
                                               body=_json_body(batch_completion_req), tag="batch")},
         "/v1/batch/chat/completions": {"post": _op("Queue a chat completion job", "batch", {202: job},
                                                    errors=(409,), body=_json_body(batch_chat_req), tag="batch")},
+        "/v1/batch/embeddings": {"post": _op("Queue an embeddings job", "batch", {202: job}, errors=(409,),
+                                             body=_json_body(batch_embedding_req), tag="batch")},
+        "/v1/batch/responses": {"post": _op("Queue a Responses API job", "batch", {202: job}, errors=(409,),
+                                            body=_json_body(batch_response_req), tag="batch")},
         "/v1/jobs": {"get": _op("The caller's jobs", "batch", {200: _LIST}, params=job_filters, tag="batch")},
         "/v1/jobs/{job_id}": {
             "get": _op("One job", "batch", {200: job}, params=(_path_param("job_id"),), tag="batch"),
@@ -229,7 +244,7 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
             "post": _op("Create a batch from an uploaded file", "batch", {200: batch_obj}, errors=(409,),
                         tag="batches", body=_json_body(_obj(
                             "input_file_id", "endpoint", input_file_id={"type": "string"},
-                            endpoint={"type": "string", "enum": ["/v1/completions", "/v1/chat/completions"]},
+                            endpoint={"type": "string", "enum": [e.value for e in Endpoint]},
                             completion_window={"type": "string", "enum": ["24h"]},
                             metadata={"type": "object"}, priority={"type": "integer"}))),
             "get": _op("The caller's batches", "batch", {200: _LIST}, params=(_LIMIT, _AFTER), tag="batches")},
@@ -310,6 +325,10 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
     }
     # The collection URL answers with and without the trailing slash (tus-js-client and tuspy differ).
     paths["/v1/upload/"] = paths["/v1/upload"]
+    # The read-only model routes also let batch and eval keys in (gateway/http/auth.py MODEL_READERS).
+    for path, operations in paths.items():
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            operations["get"]["x-accepted-scopes"] = [scope.value for scope in MODEL_READERS]
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM Gateway", "version": "1",
@@ -319,7 +338,8 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "A key from AUTH_KEYS_FILE; each route needs one scope "
-                                                          "(x-required-scope)."}},
+                                                          "(x-required-scope), or one of "
+                                                          "x-accepted-scopes where listed."}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                     "type": "object", "required": ["message", "type", "code", "param"], "properties": {

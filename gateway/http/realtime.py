@@ -36,10 +36,11 @@ from gateway.http.appkeys import (
     UPSTREAM,
     UPSTREAM_POOL,
 )
-from gateway.http.auth import requires_scope
+from gateway.http.auth import reads_models, requires_scope
 from gateway.http.errors import error_body, parse_json_object
 from gateway.keys import Scope
 from gateway.settings import Settings
+from gateway.tokens import response_tokens
 from gateway.upstream import Exchange, UpstreamError
 
 log = structlog.get_logger(component="realtime")
@@ -238,12 +239,8 @@ def _upstream_error(kind: str, exc: BaseException | None = None) -> ApiError:
 
 
 def _usage_of(obj: Any) -> tuple[int, int]:
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    if "input_tokens" in usage:  # the Responses API's names
-        return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    # One reading of usage for every endpoint (gateway/tokens.py), stream events included.
+    return response_tokens(obj)
 
 
 def _not_supported(settings: Settings, path: str) -> ApiError:
@@ -623,13 +620,13 @@ async def _model_listing(request: web.Request) -> dict[str, Any]:
     return listing
 
 
-@requires_scope(Scope.REALTIME)
+@reads_models
 async def models(request: web.Request) -> web.StreamResponse:
     """GET /v1/models: the runtime's list, plus the configured aliases of the realtime model."""
     return web.Response(body=orjson.dumps(await _model_listing(request)), content_type="application/json")
 
 
-@requires_scope(Scope.REALTIME)
+@reads_models
 async def model(request: web.Request) -> web.StreamResponse:
     """GET /v1/models/{id}: one model card; ids may contain '/' (e.g. org/name), aliases included.
 

@@ -48,10 +48,11 @@ async def ready(request: web.Request) -> web.Response:
 
 @requires_scope(Scope.MONITOR)
 async def prometheus(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text exposition."""
+    """GET /metrics: the Prometheus text format, or OpenMetrics when the Accept header prefers it."""
     metrics.USAGE_BUFFERED.set(request.app[ACCOUNTANT].buffered)
     metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
-    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    body, content_type = metrics.render(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type, "Vary": "Accept"})
 
 
 @requires_scope(Scope.MONITOR)

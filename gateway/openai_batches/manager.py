@@ -44,6 +44,7 @@ from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.redis_codec import as_bytes, opt_text, text, texts
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
+from gateway.tokens import usage_tokens
 from gateway.uploads.errors import UploadError
 from gateway.uploads.store import UploadStore
 
@@ -568,9 +569,9 @@ class BatchManager(Actor[_Drive | _Rescan]):
             if status == b"completed":
                 completed += 1
                 if usage:
-                    data = orjson.loads(usage)
-                    prompt += int(data.get("prompt_tokens") or 0)
-                    completion += int(data.get("completion_tokens") or 0)
+                    used_in, used_out = usage_tokens(orjson.loads(usage))
+                    prompt += used_in
+                    completion += used_out
             elif status == b"failed":
                 failed += 1
             else:
