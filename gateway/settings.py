@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 import sys
@@ -121,6 +122,15 @@ class Settings(BaseSettings):
     # --- auth and accounting
     auth_keys_file: str = "config/auth.keys.json"
     internal_eval_key_id: str = "__internal_eval__"
+    # Failed authentication (unknown bearer tokens, refused dashboard logins) per client address: after
+    # AUTH_FAIL_MAX failures within AUTH_FAIL_WINDOW_SECONDS the address gets 429 until the window ends.
+    auth_fail_max: int = Field(20, ge=1, le=1_000_000, description="Failed authentications one client "
+                               "address may make per window before it is refused with 429")
+    auth_fail_window_seconds: float = Field(60.0, gt=0, description="The window AUTH_FAIL_MAX counts in")
+    auth_fail_table_max: int = Field(10_000, ge=1, le=10_000_000, description="Client addresses tracked "
+                                     "at once (oldest forgotten first)")
+    trusted_proxies: str = Field("", description="Comma-separated addresses or CIDR networks of reverse "
+                                 "proxies whose X-Forwarded-For names the client; empty: none trusted")
     usage_buffer_max: int = Field(100_000, gt=0)
     usage_flush_interval: float = Field(0.25, gt=0)
     usage_daily_ttl_days: int = Field(90, gt=0)
@@ -246,6 +256,17 @@ class Settings(BaseSettings):
                              "print(secrets.token_urlsafe(32))'`), or leave it empty for a per-process secret")
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an IP address or CIDR network") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -292,6 +313,12 @@ class Settings(BaseSettings):
     def aliases(self) -> frozenset[str]:
         """Other names clients may use for the realtime model."""
         return frozenset(a.strip() for a in self.model_aliases.split(",") if a.strip())
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """TRUSTED_PROXIES as networks."""
+        return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",")
+                     if p.strip())
 
     @property
     def runtime_env_dict(self) -> dict[str, str]:

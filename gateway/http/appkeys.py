@@ -15,6 +15,7 @@ from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.traffic import TrafficSampler
 from gateway.actors.usage import UsageAccountant
 from gateway.batch.queue import JobQueue
+from gateway.http.throttle import AuthThrottle
 from gateway.keys import ApiKey, Keyring
 from gateway.openai_batches.manager import BatchManager
 from gateway.redis_keys import RedisKeys
@@ -44,6 +45,9 @@ JOB_FEED = web.AppKey("job_event_feed", JobEventFeed)
 BATCH_MANAGER = web.AppKey("openai_batch_manager", BatchManager)
 QUEUE_DEPTH_SAMPLER = web.AppKey("queue_depth_sampler", QueueDepthSampler)
 TRAFFIC = web.AppKey("traffic_sampler", TrafficSampler)
+
+# Failed-authentication counts per client address (gateway/http/throttle.py).
+AUTH_THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
 
 # Per-request storage set by the middleware.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -26,8 +26,9 @@ from markupsafe import Markup
 
 from gateway.errors import ApiError
 from gateway.http import monitor
-from gateway.http.appkeys import API_KEY, KEYRING, SETTINGS
-from gateway.http.auth import public, requires_scope
+from gateway.http.appkeys import API_KEY, SETTINGS
+from gateway.http.auth import public, public_form, requires_scope
+from gateway.http.middleware import check_token
 from gateway.http.session import COOKIE_NAME, CSRF_FIELD, LOGIN_PATH, SECRET, SESSION, make_cookie_value
 from gateway.keys import Scope
 
@@ -92,9 +93,14 @@ def _json_script(data: Any) -> Markup:
     return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
+# The login form is the one unauthenticated route with a body: a token, a CSRF-free `next` and little else.
+LOGIN_MAX_BODY_BYTES = 4096
+
+
 def _safe_next(value: str | None) -> str:
     """Only redirect within the dashboard after login (no open redirect)."""
-    if value and value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value:
+    if value and value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value \
+            and value.isascii() and value.isprintable() and " " not in value and len(value) <= 2048:
         return value
     return "/dashboard"
 
@@ -128,7 +134,7 @@ async def login_form(request: web.Request) -> web.Response:
                                            "error": None, "logged_out": "logged_out" in request.query})
 
 
-@public
+@public_form(LOGIN_MAX_BODY_BYTES)
 async def login(request: web.Request) -> web.StreamResponse:
     """POST /dashboard/login: trade a monitor token for a session cookie (401 and the form again if refused)."""
     form = await request.post()
@@ -138,7 +144,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         # 400, not 401: nothing was presented (a public route answers 401 only to a refused credential).
         return _render(request, "login.html", {"title": "Log in", "next": target, "logged_out": False,
                                                "error": "Enter a token with the monitor scope."}, status=400)
-    key = request.app[KEYRING].authenticate(token)
+    key = check_token(request, token)
     if key is None or not key.allows(Scope.MONITOR):
         # One message for unknown tokens and keys without the scope: the form is no oracle for which.
         log.info("dashboard_login_refused", known_key=key.id if key else None)

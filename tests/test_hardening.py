@@ -1,0 +1,177 @@
+"""Hardening (issue 14): what a hostile client tried, each as a regression test kept small and bounded.
+
+Limits before work (no body read or 100 Continue before authorisation), login form hygiene, failed-auth
+throttling, and what the server says about itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+from tests.conftest import REALTIME_MODEL, TOKENS
+
+BIG = 4_194_000
+
+
+async def _exchange(client: Any, head: bytes, body: bytes = b"", *, read_timeout: float = 5.0) -> bytes:
+    """Send a raw request head (and optional body) on a fresh connection; return what comes back until the
+    server closes the connection or `read_timeout` passes."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        chunks: list[bytes] = []
+        try:
+            async with asyncio.timeout(read_timeout):
+                while piece := await reader.read(65536):
+                    chunks.append(piece)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+def _head(method: str, path: str, *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", *headers, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def _statuses(raw: bytes) -> list[int]:
+    return [int(m) for m in re.findall(rb"^HTTP/1\.1 (\d{3})", raw, flags=re.M)]
+
+
+# --- 1: nothing unauthenticated is read, and no 100 Continue before authorisation
+@pytest.mark.parametrize("method,path", [("POST", "/nope"), ("DELETE", "/health"), ("PUT", "/v1/completions")])
+async def test_unmatched_routes_answer_without_reading_the_announced_body(gateway: Any, method: str,
+                                                                          path: str) -> None:
+    raw = await _exchange(gateway, _head(method, path, f"Content-Length: {BIG}", "Content-Type: application/json",
+                                         "Expect: 100-continue"))
+    # The answer comes without the client sending a byte of the body, with no 100 Continue, and the
+    # connection is closed (the server read to the end of the response: no keep-alive wait).
+    assert _statuses(raw) in ([404], [405]), raw[:300]
+    assert b"100 Continue" not in raw
+    assert b"connection: close" in raw.lower()
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/openapi.json", "/dashboard/login"])
+async def test_public_routes_take_no_body(gateway: Any, path: str) -> None:
+    method = "POST" if path == "/dashboard/login" else "GET"
+    raw = await _exchange(gateway, _head(method, path, f"Content-Length: {BIG}",
+                                         "Content-Type: application/x-www-form-urlencoded", "Expect: 100-continue"))
+    assert _statuses(raw) == [413], raw[:300]
+    assert b"100 Continue" not in raw
+
+
+async def test_login_form_body_is_capped_even_when_chunked(gateway: Any) -> None:
+    head = _head("POST", "/dashboard/login", "Transfer-Encoding: chunked",
+                 "Content-Type: application/x-www-form-urlencoded")
+    chunk = b"token=" + b"a" * 8000
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk)
+    raw = await _exchange(gateway, head, body)
+    assert _statuses(raw) == [413], raw[:300]
+    # A small form still works (wrong token: the form again with 401).
+    resp = await gateway.post("/dashboard/login", data={"token": "x" * 30})
+    assert resp.status == 401
+
+
+async def test_no_100_continue_before_authorisation(gateway: Any) -> None:
+    raw = await _exchange(gateway, _head("POST", "/v1/completions", f"Content-Length: {BIG}",
+                                         "Content-Type: application/json", "Expect: 100-continue",
+                                         "Authorization: Bearer not-a-key-at-all-000000"))
+    assert _statuses(raw) == [401]
+    assert b"100 Continue" not in raw and b"connection: close" in raw.lower()
+
+
+async def test_100_continue_after_authorisation_then_the_body(gateway: Any) -> None:
+    body = b'{"model": "%s", "prompt": "hi", "max_tokens": 2}' % REALTIME_MODEL.encode()
+    reader, writer = await asyncio.open_connection(gateway.server.host, gateway.server.port)
+    try:
+        writer.write(_head("POST", "/v1/completions", f"Content-Length: {len(body)}",
+                           "Content-Type: application/json", "Expect: 100-continue",
+                           f"Authorization: Bearer {TOKENS['realtime']}", "Connection: close"))
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 10)
+        assert _statuses(rest) == [200], rest[:300]
+    finally:
+        writer.close()
+
+
+# --- 9: control characters in the login form's `next`
+@pytest.mark.parametrize("target", ["/dashboard\r\nSet-Cookie: x=1", "/dashboard\x00", "/dashboard\x7f",
+                                    "/dashboard/\u00e9", "/dashboard/ x"])
+async def test_login_next_with_control_characters_redirects_cleanly(gateway: Any, target: str) -> None:
+    resp = await gateway.post("/dashboard/login", data={"token": TOKENS["monitor"], "next": target},
+                              allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/dashboard"
+    resp = await gateway.get("/dashboard/login", params={"next": target})
+    assert resp.status == 200
+
+
+# --- 13: failed authentication is throttled per client address
+async def test_failed_authentication_is_throttled(aiohttp_client: Any, make_settings: Any) -> None:
+    from gateway.bootstrap import create_app
+
+    client = await aiohttp_client(create_app(make_settings(auth_fail_max=5, auth_fail_window_seconds=3600)))
+    statuses = []
+    for n in range(8):
+        resp = await client.get("/v1/models", headers={"Authorization": f"Bearer guess-{n:020d}"})
+        statuses.append(resp.status)
+    assert statuses == [401] * 5 + [429] * 3
+    assert int(resp.headers["Retry-After"]) > 0
+    body = await resp.json()
+    assert body["error"]["code"] == "auth_throttled" and "AUTH_FAIL_MAX" in body["error"]["message"]
+    # Even the right token waits: the address is refused before any token is looked up.
+    resp = await client.get("/v1/models", headers={"Authorization": f"Bearer {TOKENS['realtime']}"})
+    assert resp.status == 429
+    # The login form counts too.
+    resp = await client.post("/dashboard/login", data={"token": "y" * 30})
+    assert resp.status == 429
+
+
+async def test_x_forwarded_for_is_honoured_only_from_trusted_proxies(aiohttp_client: Any,
+                                                                     make_settings: Any) -> None:
+    from gateway.bootstrap import create_app
+
+    untrusted = await aiohttp_client(create_app(make_settings(auth_fail_max=2)))
+    for n in range(3):
+        resp = await untrusted.get("/v1/models", headers={"Authorization": "Bearer nope-nope-nope-nope-0",
+                                                          "X-Forwarded-For": f"10.0.0.{n}"})
+    assert resp.status == 429  # the forged header did not spread the failures over three addresses
+
+    trusted = await aiohttp_client(create_app(make_settings(auth_fail_max=2, trusted_proxies="127.0.0.1,::1")))
+    for n in range(3):
+        resp = await trusted.get("/v1/models", headers={"Authorization": "Bearer nope-nope-nope-nope-0",
+                                                        "X-Forwarded-For": f"10.0.0.{n}"})
+        assert resp.status == 401
+    resp = await trusted.get("/v1/models", headers={"Authorization": "Bearer nope-nope-nope-nope-0",
+                                                    "X-Forwarded-For": "10.0.0.1"})
+    resp = await trusted.get("/v1/models", headers={"Authorization": "Bearer nope-nope-nope-nope-0",
+                                                    "X-Forwarded-For": "10.0.0.1"})
+    assert resp.status == 429
+
+
+def test_the_throttle_table_is_bounded() -> None:
+    from gateway.http.throttle import AuthThrottle
+
+    throttle = AuthThrottle(max_failures=1, window_seconds=60, table_max=100)
+    for n in range(10_000):
+        throttle.failed(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", now=0)
+    assert len(throttle) == 100
+    assert throttle.retry_after("10.0.39.15", now=1) == 59  # the newest are kept
+    assert throttle.retry_after("10.0.0.0", now=1) == 0
+    assert throttle.retry_after("10.0.39.15", now=61) == 0  # a window ends
+
+
+async def test_server_header_names_no_version(gateway: Any) -> None:
+    for resp in (await gateway.get("/health"), await gateway.get("/nope")):
+        assert resp.headers["Server"] == "llm-gateway"
