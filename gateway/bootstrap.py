@@ -210,7 +210,7 @@ def create_app(settings: Settings) -> web.Application:
     app[AUTH_THROTTLE] = AuthThrottle(settings.auth_fail_max, settings.auth_fail_window_seconds,
                                       settings.auth_fail_table_max, settings.trusted_proxy_networks)
     app.on_response_prepare.append(_server_header)
-    keyring = Keyring(settings.auth_keys_file)
+    keyring = Keyring(settings.auth_keys_file, refuse_demo_tokens=not settings.listens_on_loopback_only)
     keyring.load()
     app[KEYRING] = keyring
     app[REDIS_KEYS] = RedisKeys(settings.redis_prefix)

@@ -6,6 +6,7 @@ Tokens are only ever hashed (sha256) and compared by digest; the rest of the gat
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,14 @@ import orjson
 import structlog
 
 log = structlog.get_logger(component="auth")
+
+MIN_TOKEN_CHARS = 20
+# Key ids reach Redis key names (usage hashes are `<id>:<day>`), metric labels and logs: a colon could make
+# one key's id collide with another's usage hash, so ids are short words of letters, digits and `._-`.
+KEY_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+# The example keys file's plain tokens end so; they are public, so never served off loopback.
+DEMO_TOKEN_SUFFIX = "-change-me"
+KEY_ID_RULE = "1-64 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'"
 
 
 class Scope(StrEnum):
@@ -68,6 +77,8 @@ def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
         if not isinstance(key_id, str) or not key_id.strip():
             raise KeysFileError(f"{where}: needs a non-empty string 'id'")
         where = f"{source}: key {key_id!r}"
+        if not KEY_ID.match(key_id):
+            raise KeysFileError(f"{where}: an id must be {KEY_ID_RULE}")
         if key_id in ids:
             raise KeysFileError(f"{where}: duplicate id")
         ids.add(key_id)
@@ -75,8 +86,9 @@ def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
         if (token is None) == (digest is None):
             raise KeysFileError(f"{where}: give exactly one of 'token' or 'token_sha256'")
         if token is not None:
-            if not isinstance(token, str) or len(token) < 8:
-                raise KeysFileError(f"{where}: 'token' must be a string of at least 8 characters")
+            if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+                raise KeysFileError(f"{where}: 'token' must be a string of at least {MIN_TOKEN_CHARS} characters "
+                                    "(`llm-gateway keys create` makes one)")
             digest = hash_token(token)
         elif not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef"
                                                                      for c in digest.lower()):
@@ -101,8 +113,9 @@ def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
 class Keyring:
     """The current keys, loaded from AUTH_KEYS_FILE; `reload()` swaps them atomically."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, refuse_demo_tokens: bool = False) -> None:
         self.path = Path(path)
+        self.refuse_demo_tokens = refuse_demo_tokens
         self._keys: dict[str, ApiKey] = {}
         self._internal: dict[str, ApiKey] = {}
 
@@ -119,7 +132,17 @@ class Keyring:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise KeysFileError(f"AUTH_KEYS_FILE {self.path} is not valid JSON: {exc}") from None
-        self._keys = parse_keys(data, str(self.path))
+        keys = parse_keys(data, str(self.path))
+        if self.refuse_demo_tokens:
+            entries = data.get("keys") if isinstance(data, dict) else data
+            demo = [e["id"] for e in entries if isinstance(e.get("token"), str)
+                    and e["token"].endswith(DEMO_TOKEN_SUFFIX) and not e.get("disabled")]
+            if demo:
+                raise KeysFileError(f"AUTH_KEYS_FILE {self.path}: key(s) {', '.join(demo)} use the public demo "
+                                    f"tokens (ending {DEMO_TOKEN_SUFFIX!r}) while LISTEN_HOST is not a loopback "
+                                    "address: create real keys with `llm-gateway keys create`, or listen on "
+                                    "127.0.0.1")
+        self._keys = keys
 
     def reload(self) -> bool:
         """Reload the file; on any error keep the old keys, log why and return False."""

@@ -315,6 +315,16 @@ class Settings(BaseSettings):
         return frozenset(a.strip() for a in self.model_aliases.split(",") if a.strip())
 
     @property
+    def listens_on_loopback_only(self) -> bool:
+        """True when LISTEN_HOST is a loopback address (or localhost): nothing off this machine can connect."""
+        if self.listen_host.strip().lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.listen_host.strip()).is_loopback
+        except ValueError:
+            return False
+
+    @property
     def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """TRUSTED_PROXIES as networks."""
         return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",")

@@ -104,6 +104,8 @@ def test_keys_create_list_revoke_with_reload(tmp_path: Path, cli_env: dict[str, 
     assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
     bad_scope = cli("keys", "create", "x", "--scopes", "monitor,admin", env=cli_env, cwd=tmp_path)
     assert bad_scope.returncode == 1 and "unknown: admin" in bad_scope.stderr
+    bad_id = cli("keys", "create", "x::20261202", "--scopes", "batch", env=cli_env, cwd=tmp_path)
+    assert bad_id.returncode == 1 and "letters, digits" in bad_id.stderr
     assert json.loads(keys_file.read_text()) == stored, "a refused command must not touch the file"
 
     revoked = cli("keys", "revoke", "ops-new", "--reload-pid", str(proc.pid), env=cli_env, cwd=tmp_path)

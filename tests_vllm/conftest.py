@@ -58,9 +58,9 @@ READY_TIMEOUT = 300.0
 
 KEYS: dict[str, tuple[str, str, list[str]]] = {
     "realtime": ("v-realtime", "tok-vllm-realtime-0001", ["realtime"]),
-    "batch": ("v-batch", "tok-vllm-batch-0001", ["batch"]),
+    "batch": ("v-batch", "tok-vllm-batch-0001-testkey", ["batch"]),
     "monitor": ("v-monitor", "tok-vllm-monitor-0001", ["monitor"]),
-    "all": ("v-all", "tok-vllm-all-0001", ["realtime", "batch", "monitor"]),
+    "all": ("v-all", "tok-vllm-all-0001-testkey", ["realtime", "batch", "monitor"]),
 }
 TOKENS = {role: token for role, (_, token, _) in KEYS.items()}
 KEY_IDS = {role: key_id for role, (key_id, _, _) in KEYS.items()}
