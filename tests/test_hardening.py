@@ -175,3 +175,31 @@ def test_the_throttle_table_is_bounded() -> None:
 async def test_server_header_names_no_version(gateway: Any) -> None:
     for resp in (await gateway.get("/health"), await gateway.get("/nope")):
         assert resp.headers["Server"] == "llm-gateway"
+
+
+# --- 10: by-id routes check the id's shape: another kind of key under a crafted id is a 404, not a 503
+async def test_ids_naming_other_redis_keys_are_404_not_503(gateway: Any, redis_prefix: str) -> None:
+    import redis.asyncio as aredis
+
+    from gateway.redis_keys import RedisKeys
+    from tests.conftest import REDIS_URL, auth
+
+    keys = RedisKeys(redis_prefix)
+    run_id, job_id, batch_id = "evalrun_" + "a" * 22, "job_" + "b" * 24, "batch_" + "c" * 24
+    r = aredis.Redis.from_url(REDIS_URL)
+    try:
+        # Strings where a hash would be read: what `<id>:lease` and the like name.
+        for name in (keys.eval_run_lease(run_id), keys.job(job_id) + ":lease", keys.openai_batch(batch_id) + ":x"):
+            await r.set(name, "x")
+        routes = [("GET", f"/eval/runs/{run_id}:lease", "eval"), ("POST", f"/eval/runs/{run_id}:lease/cancel", "eval"),
+                  ("GET", f"/v1/jobs/{job_id}:lease", "batch"), ("DELETE", f"/v1/jobs/{job_id}:lease", "batch"),
+                  ("GET", f"/monitor/jobs/{job_id}:lease", "monitor"),
+                  ("DELETE", f"/monitor/jobs/{job_id}:lease", "monitor"),
+                  ("GET", f"/v1/batches/{batch_id}:x", "batch"), ("POST", f"/v1/batches/{batch_id}:x/cancel", "batch")]
+        for method, path, role in routes:
+            resp = await gateway.request(method, path, headers=auth(role))
+            body = await resp.json()
+            assert resp.status == 404, (method, path, resp.status, body)
+            assert body["error"]["code"] != "redis_unavailable"
+    finally:
+        await r.aclose()

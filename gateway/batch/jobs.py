@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ class Submission:
     priority: int
     metadata: dict[str, str]
     body: bytes
+
+
+_JOB_ID = re.compile(r"^job_[0-9a-f]{24,32}$")
+
+
+def is_job_id(text: str) -> bool:
+    """True when `text` has the shape of a job id; by-id routes answer 404 for anything else at once."""
+    return _JOB_ID.match(text) is not None
 
 
 def new_job_id(now: float | None = None) -> str:

@@ -91,6 +91,15 @@ class RunSpec:
                    languages=orjson.loads(run.get("languages") or "[]"))
 
 
+_RUN_ID = re.compile(r"^evalrun_[0-9a-f]{22,32}$")
+
+
+def is_run_id(text: str) -> bool:
+    """True when `text` has the shape of a run id (anything else is answered 404 without touching Redis,
+    where `<id>:lease` would name another kind of key)."""
+    return _RUN_ID.match(text) is not None
+
+
 def new_run_id(now: float | None = None) -> str:
     """A run id whose text order is its creation order (like batch job ids)."""
     micros = time.time_ns() // 1000 if now is None else round(now * 1_000_000)
@@ -284,7 +293,9 @@ class RunStore:
         return fields
 
     async def get(self, run_id: str) -> dict[str, str] | None:
-        """The run hash, decoded, or None."""
+        """The run hash, decoded, or None (also for a text that is no run id)."""
+        if not is_run_id(run_id):
+            return None
         raw = await self.redis.hgetall(self.keys.eval_run(run_id))
         return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
 

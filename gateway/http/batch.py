@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.batch.jobs import Endpoint, JobStatus, job_view, parse_submission
+from gateway.batch.jobs import Endpoint, JobStatus, is_job_id, job_view, parse_submission
 from gateway.errors import ApiError
 from gateway.http.appkeys import (
     API_KEY,
@@ -47,6 +47,8 @@ async def submit_chat_completion(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """GET /v1/jobs/{id}: status, timings, attempts, error and (when completed) the runtime's answer."""
     job_id = request.match_info["job_id"]
+    if not is_job_id(job_id):
+        raise _not_found(job_id)
     queue = request.app[BATCH_QUEUE]
     job = await queue.get(job_id, request[API_KEY].id)
     if job is None:
@@ -73,6 +75,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """DELETE /v1/jobs/{id}: cancel a queued or running job (409 once it has finished)."""
     job_id = request.match_info["job_id"]
+    if not is_job_id(job_id):
+        raise _not_found(job_id)
     outcome, job = await request.app[BATCH_QUEUE].cancel(job_id, request[API_KEY].id)
     if outcome == "missing" or job is None:
         raise _not_found(job_id)
