@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     # --- models
     realtime_model: str = "synquid/gemma-3-27b-it-FP8"
     model_aliases: str = ""
+    batch_models: str = Field("", description="Models batch work, Batches lines and evals may run besides the "
+                              "realtime model and its aliases: comma-separated names or glob patterns "
+                              "(e.g. 'google/gemma-3-*'); empty: the realtime model only, '*': any valid name")
+    # Bounds on one request's generation, realtime and batch alike (gateway/policy.py).
+    request_max_n: int = Field(16, ge=1, le=1024, description="Largest `n` (and `best_of`) one request may ask for")
+    request_max_tokens: int = Field(32768, ge=1, le=10_000_000, description="Largest `max_tokens` (and "
+                                    "`max_completion_tokens`) one request may ask for")
 
     # --- proxy
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
@@ -256,6 +263,15 @@ class Settings(BaseSettings):
                              "print(secrets.token_urlsafe(32))'`), or leave it empty for a per-process secret")
         return value
 
+    @field_validator("batch_models")
+    @classmethod
+    def _batch_models(cls, value: str) -> str:
+        bad = [p.strip() for p in value.split(",") if p.strip() and
+               (len(p.strip()) > 200 or not re.fullmatch(r"[A-Za-z0-9._/:@+*?\[\]~-]+", p.strip()))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a model name or glob pattern")
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, value: str) -> str:
@@ -313,6 +329,11 @@ class Settings(BaseSettings):
     def aliases(self) -> frozenset[str]:
         """Other names clients may use for the realtime model."""
         return frozenset(a.strip() for a in self.model_aliases.split(",") if a.strip())
+
+    @property
+    def batch_model_patterns(self) -> tuple[str, ...]:
+        """BATCH_MODELS as a tuple of names or glob patterns."""
+        return tuple(p.strip() for p in self.batch_models.split(",") if p.strip())
 
     @property
     def listens_on_loopback_only(self) -> bool:

@@ -145,6 +145,8 @@ def make_settings(tmp_path: Path, redis_prefix: str, keys_file: Path, sim_url: s
             "usage_flush_interval": 0.05,
             "euroeval_debug_log": str(tmp_path / "euroeval_debug.log"),
             "upload_dir": str(tmp_path / "uploads"),
+            # Many tests queue work for models other than the realtime one (swaps, queue views).
+            "batch_models": "*",
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -55,7 +55,7 @@ def running_gateway(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[s
     """`llm-gateway serve` with the process backend (the simulator), so the runtime can restart and swap."""
     port = free_port()
     env = {**cli_env, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(port), "RUNTIME_BACKEND": "process",
-           "REALTIME_MODEL": REALTIME_MODEL, "RUNTIME_PID_FILE": str(tmp_path / "runtime.pid"),
+           "REALTIME_MODEL": REALTIME_MODEL, "RUNTIME_PID_FILE": str(tmp_path / "runtime.pid"), "BATCH_MODELS": "*",
            "RUNTIME_FAILURE_DIR": str(tmp_path / "failures"), "BATCH_DISPATCHER_ENABLED": "false",
            "UPLOAD_DIR": str(tmp_path / "uploads"), "RUNTIME_EXPECTED_START_SECONDS": "2"}
     log = (tmp_path / "gateway.log").open("wb")

@@ -203,3 +203,77 @@ async def test_ids_naming_other_redis_keys_are_404_not_503(gateway: Any, redis_p
             assert body["error"]["code"] != "redis_unavailable"
     finally:
         await r.aclose()
+
+
+# --- 5: a model allowlist for batch work, and bounded model names
+async def test_batch_models_default_to_the_realtime_model_only(aiohttp_client: Any, make_settings: Any) -> None:
+    from gateway.bootstrap import create_app
+    from tests.conftest import auth
+
+    client = await aiohttp_client(create_app(make_settings(batch_models="", model_aliases="short")))
+    for model in ("/etc", "../../etc", "some-org/other-model", "a" * 300_000):
+        for path in ("/v1/batch/completions", "/eval/runs"):
+            body = ({"model": model, "prompt": "hi", "max_tokens": 2} if path.startswith("/v1")
+                    else {"harness": "eval-repo", "eval": "arithmetic", "model": model})
+            resp = await client.post(path, json=body, headers=auth("all"))
+            text = await resp.text()
+            assert resp.status == 400, (path, model[:20], text[:300])
+            assert "BATCH_MODELS" in text or "not a model name" in text
+            assert len(text) < 2000, "the model name is not echoed in full"
+    for model in (REALTIME_MODEL, "short"):
+        resp = await client.post("/v1/batch/completions", json={"model": model, "prompt": "hi", "max_tokens": 2},
+                                 headers=auth("batch"))
+        assert resp.status == 202, await resp.text()
+        assert (await resp.json())["model"] == REALTIME_MODEL
+    # The realtime routes never echo a long model name either.
+    resp = await client.post("/v1/completions", json={"model": "m" * 100_000, "prompt": "hi"}, headers=auth("realtime"))
+    assert resp.status == 404 and len(await resp.read()) < 2000
+
+
+async def test_batch_models_names_and_patterns(aiohttp_client: Any, make_settings: Any) -> None:
+    from gateway.bootstrap import create_app
+    from tests.conftest import auth
+
+    client = await aiohttp_client(create_app(make_settings(batch_models="org/exact, google/gemma-3-*")))
+    cases = {"org/exact": 202, "google/gemma-3-4b-it": 202, "google/gemma-2-9b": 400, "google/gemma-3-../../x": 400,
+             "org/exact2": 400}
+    for model, status in cases.items():
+        resp = await client.post("/v1/batch/completions", json={"model": model, "prompt": "hi", "max_tokens": 2},
+                                 headers=auth("batch"))
+        assert resp.status == status, (model, await resp.text())
+        if status == 400:
+            assert (await resp.json())["error"]["code"] in ("model_not_allowed", "invalid_model")
+
+
+def test_policy_unit() -> None:
+    from gateway.errors import ApiError
+    from gateway.policy import ModelPolicy, valid_model_name
+
+    policy = ModelPolicy("rt/model", frozenset({"rt"}), ("/models/local", "org/*"), 4, 100)
+    assert policy.batch_model("rt") == "rt/model"
+    assert policy.batch_model("/models/local") == "/models/local"  # an exact entry may be a path
+    assert policy.batch_model("org/a") == "org/a"
+    for bad in ("/models/other", "org/../../etc", "org/a b", "org/\x00", "org/" + "a" * 300):
+        with pytest.raises(ApiError):
+            policy.batch_model(bad)
+    assert not valid_model_name("-x") and not valid_model_name(".hidden") and valid_model_name("a/b:rev@1")
+
+
+# --- 8: bounds on n and max_tokens, realtime and batch
+async def test_n_and_max_tokens_are_bounded(aiohttp_client: Any, make_settings: Any) -> None:
+    from gateway.bootstrap import create_app
+    from tests.conftest import auth, wait_ready
+
+    client = await aiohttp_client(create_app(make_settings(request_max_n=4, request_max_tokens=64)))
+    await wait_ready(client.app)
+    for path, role in (("/v1/completions", "realtime"), ("/v1/batch/completions", "batch")):
+        for extra, setting in (({"n": 100_000_000, "max_tokens": 1}, "REQUEST_MAX_N"),
+                               ({"best_of": 5}, "REQUEST_MAX_N"),
+                               ({"max_tokens": 65}, "REQUEST_MAX_TOKENS")):
+            resp = await client.post(path, json={"model": REALTIME_MODEL, "prompt": "hi", **extra},
+                                     headers=auth(role))
+            body = await resp.json()
+            assert resp.status == 400 and setting in body["error"]["message"], (path, extra, body)
+        resp = await client.post(path, json={"model": REALTIME_MODEL, "prompt": "hi", "n": 4, "max_tokens": 64},
+                                 headers=auth(role))
+        assert resp.status in (200, 202), await resp.text()

@@ -360,6 +360,7 @@ async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, re
     env = {**os.environ, "LISTEN_HOST": "127.0.0.1", "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
            "AUTH_KEYS_FILE": str(keys_file), "RUNTIME_BACKEND": "external", "RUNTIME_URL": slow_sim,
            "REALTIME_MODEL": REALTIME_MODEL, "UPLOAD_DIR": str(tmp_path / "uploads"), "MAX_CONCURRENT_BATCH": "4",
+           "BATCH_MODELS": "*",
            "BATCH_LEASE_SECONDS": "1", "OPENAI_BATCH_ENQUEUE_CHUNK": "7", "LOG_LEVEL": "warning",
            "RUNTIME_FAILURE_DIR": str(tmp_path / "failures")}
 

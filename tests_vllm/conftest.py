@@ -236,6 +236,7 @@ def gateway_settings(tmp: Path, prefix: str, **overrides: Any) -> Settings:
         "batch_max_residency_seconds": 600,
         "upload_dir": str(tmp / "uploads"),
         "euroeval_debug_log": str(tmp / "euroeval_debug.log"),
+        "batch_models": OTHER_MODEL,  # the swap tests' second model (a local path, so named exactly)
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -33,6 +33,7 @@ from gateway.evals.euroeval import EuroEvalFailed, build_args, run_euroeval
 from gateway.evals.evalrepo import EvalRepo, EvalRepoError
 from gateway.evals.runs import FINAL_STATUSES, Harness, RunSpec, RunStatus, RunStore, run_view
 from gateway.keys import ApiKey, Keyring, Scope
+from gateway.policy import ModelPolicy
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -335,8 +336,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
         try:
             submission = parse_submission(body, Endpoint(request["endpoint"]),
                                           max_metadata_items=max(2, self.settings.batch_max_metadata_items),
-                                          model_aliases=self.settings.aliases,
-                                          realtime_model=self.settings.realtime_model)
+                                          policy=ModelPolicy.from_settings(self.settings))
         except (ApiError, ValueError) as exc:
             # The eval asked for something the batch API refuses: the sample fails, the run goes on.
             message = exc.message if isinstance(exc, ApiError) else str(exc)

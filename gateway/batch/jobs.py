@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import bad_request
+from gateway.policy import ModelPolicy
 
 PRIORITY_MIN = 0
 PRIORITY_MAX = 9
@@ -70,13 +71,20 @@ def new_job_id(now: float | None = None) -> str:
 
 
 def parse_submission(data: dict[str, Any], endpoint: Endpoint, *, max_metadata_items: int,
-                     model_aliases: frozenset[str] = frozenset(), realtime_model: str = "") -> Submission:
-    """Validate a batch body (the realtime body plus `priority` and `metadata`) or raise a clear 400."""
+                     model_aliases: frozenset[str] = frozenset(), realtime_model: str = "",
+                     policy: ModelPolicy | None = None) -> Submission:
+    """Validate a batch body (the realtime body plus `priority` and `metadata`) or raise a clear 400.
+
+    With a `policy`, the model must be one batch work may run and `n`/`max_tokens` are bounded.
+    """
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required: a non-empty string naming the model to run.", param="model")
     model = model.strip()
-    if model in model_aliases and realtime_model:
+    if policy is not None:
+        model = policy.batch_model(model)
+        policy.check_generation(data)
+    elif model in model_aliases and realtime_model:
         model = realtime_model
     if data.get("stream"):
         raise bad_request("Batch jobs do not stream: drop 'stream' (or set it to false) and poll the job's "

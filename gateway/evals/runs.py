@@ -22,6 +22,7 @@ from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN
 from gateway.errors import bad_request
 from gateway.evals.euroeval import GENERATIVE_TYPES
 from gateway.evals.evalrepo import EvalRepo
+from gateway.policy import ModelPolicy
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -162,9 +163,7 @@ async def parse_run_request(data: Mapping[str, Any], *, repo: EvalRepo, settings
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required: a non-empty string naming the model to evaluate.", param="model")
-    model = model.strip()
-    if model in settings.aliases:
-        model = settings.realtime_model
+    model = ModelPolicy.from_settings(settings).batch_model(model.strip())
     priority = data.get("priority", 0)
     if priority is None:
         priority = 0

@@ -14,6 +14,7 @@ from gateway.http.appkeys import (
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, list_params, parse_json_object
 from gateway.keys import Scope
+from gateway.policy import ModelPolicy
 
 
 def _not_found(job_id: str) -> ApiError:
@@ -25,7 +26,7 @@ async def _submit(request: web.Request, endpoint: Endpoint) -> web.Response:
     settings = request.app[SETTINGS]
     data = parse_json_object(await request.read())
     submission = parse_submission(data, endpoint, max_metadata_items=settings.batch_max_metadata_items,
-                                  model_aliases=settings.aliases, realtime_model=settings.realtime_model)
+                                  policy=ModelPolicy.from_settings(settings))
     job = await request.app[BATCH_QUEUE].enqueue(request[API_KEY].id, submission)
     view = job_view(job, include_result=False)
     return json_response(view, status=202, headers={"Location": view["status_url"]})

@@ -34,6 +34,7 @@ from gateway.batch.queue import JobEvent, JobQueue
 from gateway.openai_batches.files import PURPOSE_OUTPUT, file_id, make_metadata, purpose_of, upload_id_of
 from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine, check_line, read_lines
 from gateway.openai_batches.records import BatchRecords, BatchStatus
+from gateway.policy import ModelPolicy
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 from gateway.uploads.errors import UploadError
@@ -255,7 +256,8 @@ class BatchManager(Actor[_Drive | _Rescan]):
     def _rules(self, batch: dict[str, str]) -> LineRules:
         return LineRules(endpoint=Endpoint(batch["endpoint"]), priority=int(batch.get("priority") or 0),
                          batch_id=batch["id"], max_metadata_items=self.settings.batch_max_metadata_items,
-                         model_aliases=self.settings.aliases, realtime_model=self.settings.realtime_model)
+                         model_aliases=self.settings.aliases, realtime_model=self.settings.realtime_model,
+                         policy=ModelPolicy.from_settings(self.settings))
 
     async def _input_lines(self, batch: dict[str, str]) -> AsyncIterator[RawLine]:
         upload_id = upload_id_of(batch["input_file_id"]) or ""
