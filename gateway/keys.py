@@ -57,6 +57,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def session_tag(digest: str) -> str:
+    """What a dashboard session cookie carries of its key's token: a digest of the token's digest, so a
+    cookie dies with the token it was made with (rotated, or the key revoked and recreated)."""
+    return hashlib.sha256(b"dashboard-session:" + digest.encode()).hexdigest()[:32]
+
+
 def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
     """Validate the keys document and map token digest -> key.
 
@@ -118,6 +124,7 @@ class Keyring:
         self.refuse_demo_tokens = refuse_demo_tokens
         self._keys: dict[str, ApiKey] = {}
         self._internal: dict[str, ApiKey] = {}
+        self._tags: dict[str, str] = {}
 
     def load(self) -> None:
         """Load the file; raises KeysFileError with a clear message if it cannot be used."""
@@ -143,6 +150,7 @@ class Keyring:
                                     "address: create real keys with `llm-gateway keys create`, or listen on "
                                     "127.0.0.1")
         self._keys = keys
+        self._tags = {key.id: session_tag(digest) for digest, key in keys.items()}
 
     def reload(self) -> bool:
         """Reload the file; on any error keep the old keys, log why and return False."""
@@ -157,6 +165,10 @@ class Keyring:
     def add_internal(self, token: str, key: ApiKey) -> None:
         """Register a key that lives only in this process (e.g. the eval runner's own token)."""
         self._internal[hash_token(token)] = key
+
+    def session_tag(self, key_id: str) -> str | None:
+        """The session tag of the current token of key `key_id` (see `session_tag`), or None."""
+        return self._tags.get(key_id)
 
     def authenticate(self, token: str) -> ApiKey | None:
         """The key for this bearer token, or None."""

@@ -46,11 +46,10 @@ def check_model_name(name: str, param: str = "model") -> str:
 
 
 def _bounded_int(data: dict[str, Any], field: str, high: int, setting: str) -> None:
+    # Only the bound: other wrong values (types, zero) are the runtime's to refuse, with its own message.
     value = data.get(field)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise bad_request(f"'{field}' must be a whole number from 1 to {high} on this gateway ({setting}).",
+    if isinstance(value, int) and not isinstance(value, bool) and value > high:
+        raise bad_request(f"'{field}' may be at most {high} on this gateway ({setting}), not {value}.",
                           param=field, code="limit_exceeded")
 
 

@@ -140,14 +140,17 @@ async def test_forged_expired_and_revoked_sessions_are_refused(aiohttp_client: A
                                                               keys_file: Path) -> None:
     client = await make_client(aiohttp_client, make_settings)
     secret = client.app[SECRET]
-    good, _ = make_cookie_value(secret, KEY_IDS["monitor"], 3600)
+    tag = client.app[KEYRING].session_tag
+    good, _ = make_cookie_value(secret, KEY_IDS["monitor"], 3600, tag=tag(KEY_IDS["monitor"]) or "")
     payload, signature = good.split(".")
-    other_payload = make_cookie_value(secret, KEY_IDS["all"], 3600)[0].split(".")[0]
-    expired, _ = make_cookie_value(secret, KEY_IDS["monitor"], 60, now=time.time() - 3600)
-    foreign, _ = make_cookie_value(b"x" * 32, KEY_IDS["monitor"], 3600)
-    unscoped, _ = make_cookie_value(secret, KEY_IDS["realtime"], 3600)
+    other_payload = make_cookie_value(secret, KEY_IDS["all"], 3600, tag=tag(KEY_IDS["all"]) or "")[0].split(".")[0]
+    expired, _ = make_cookie_value(secret, KEY_IDS["monitor"], 60, now=time.time() - 3600,
+                                   tag=tag(KEY_IDS["monitor"]) or "")
+    foreign, _ = make_cookie_value(b"x" * 32, KEY_IDS["monitor"], 3600, tag=tag(KEY_IDS["monitor"]) or "")
+    unscoped, _ = make_cookie_value(secret, KEY_IDS["realtime"], 3600, tag=tag(KEY_IDS["realtime"]) or "")
+    untagged, _ = make_cookie_value(secret, KEY_IDS["monitor"], 3600)
     for value in (f"{payload}.{signature[:-2]}AA", f"{other_payload}.{signature}", expired, foreign, unscoped,
-                  "garbage", ""):
+                  untagged, "garbage", ""):
         resp = await client.get("/monitor/runtime", cookies={COOKIE_NAME: value})
         assert resp.status == 401, value
     resp = await client.get("/monitor/runtime", cookies={COOKIE_NAME: good})

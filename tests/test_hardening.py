@@ -277,3 +277,62 @@ async def test_n_and_max_tokens_are_bounded(aiohttp_client: Any, make_settings: 
         resp = await client.post(path, json={"model": REALTIME_MODEL, "prompt": "hi", "n": 4, "max_tokens": 64},
                                  headers=auth(role))
         assert resp.status in (200, 202), await resp.text()
+
+
+# --- 3: dashboard sessions die with their token, and logout ends them server-side
+async def _login(client: Any, token: str) -> str:
+    from gateway.http.session import COOKIE_NAME
+
+    resp = await client.post("/dashboard/login", data={"token": token}, allow_redirects=False)
+    assert resp.status == 303, await resp.text()
+    return str(resp.cookies[COOKIE_NAME].value)
+
+
+async def test_sessions_end_when_the_key_is_recreated_or_its_token_rotated(aiohttp_client: Any, make_settings: Any,
+                                                                             keys_file: Any) -> None:
+    import json
+
+    from gateway.bootstrap import create_app
+    from gateway.http.appkeys import KEYRING
+    from gateway.http.session import COOKIE_NAME
+
+    client = await aiohttp_client(create_app(make_settings()))
+    cookie = await _login(client, TOKENS["monitor"])
+    assert (await client.get("/monitor/runtime", cookies={COOKIE_NAME: cookie})).status == 200
+    original = json.loads(keys_file.read_text())
+    for step in ("revoke", "recreate"):
+        doc = json.loads(keys_file.read_text())
+        if step == "revoke":
+            doc["keys"] = [k for k in doc["keys"] if k["id"] != "k-monitor"]
+        else:  # `keys create k-monitor`: the same id with a new token
+            doc["keys"].append({"id": "k-monitor", "token": "a-brand-new-monitor-token-0001", "scopes": ["monitor"]})
+        keys_file.write_text(json.dumps(doc))
+        assert client.app[KEYRING].reload()
+        resp = await client.get("/monitor/runtime", cookies={COOKIE_NAME: cookie})
+        assert resp.status == 401, step
+        resp = await client.delete("/monitor/jobs/job_" + "0" * 24, cookies={COOKIE_NAME: cookie},
+                                   headers={"X-CSRF-Token": "whatever"})
+        assert resp.status == 401, step
+    # Back to the original token: a fresh login works, the new token's sessions too.
+    keys_file.write_text(json.dumps(original))
+    assert client.app[KEYRING].reload()
+    assert (await client.get("/monitor/runtime", cookies={COOKIE_NAME: await _login(client, TOKENS["monitor"])}
+                             )).status == 200
+
+
+async def test_logout_revokes_the_session_server_side(gateway: Any) -> None:
+    import re as _re
+
+    from gateway.http.session import COOKIE_NAME
+
+    cookie = await _login(gateway, TOKENS["monitor"])
+    page = await gateway.get("/dashboard", cookies={COOKIE_NAME: cookie}, headers={"Accept": "text/html"})
+    csrf = _re.search(r'name="csrf_token" value="([^"]+)"', await page.text())
+    assert csrf is not None
+    resp = await gateway.post("/dashboard/logout", data={"csrf_token": csrf.group(1)}, cookies={COOKIE_NAME: cookie},
+                              allow_redirects=False)
+    assert resp.status == 303
+    # The browser may keep the cookie (or an attacker may have copied it): it no longer works.
+    gateway.session.cookie_jar.clear()
+    resp = await gateway.get("/monitor/runtime", cookies={COOKIE_NAME: cookie})
+    assert resp.status == 401

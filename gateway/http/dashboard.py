@@ -26,10 +26,18 @@ from markupsafe import Markup
 
 from gateway.errors import ApiError
 from gateway.http import monitor
-from gateway.http.appkeys import API_KEY, SETTINGS
+from gateway.http.appkeys import API_KEY, KEYRING, SETTINGS
 from gateway.http.auth import public, public_form, requires_scope
 from gateway.http.middleware import check_token
-from gateway.http.session import COOKIE_NAME, CSRF_FIELD, LOGIN_PATH, SECRET, SESSION, make_cookie_value
+from gateway.http.session import (
+    COOKIE_NAME,
+    CSRF_FIELD,
+    LOGIN_PATH,
+    SECRET,
+    SESSION,
+    make_cookie_value,
+    revocations,
+)
 from gateway.keys import Scope
 
 log = structlog.get_logger(component="dashboard")
@@ -152,7 +160,8 @@ async def login(request: web.Request) -> web.StreamResponse:
                                                "error": "That token is not a key with the monitor scope."},
                        status=401)
     settings = request.app[SETTINGS]
-    value, _ = make_cookie_value(request.app[SECRET], key.id, settings.dashboard_session_seconds)
+    value, _ = make_cookie_value(request.app[SECRET], key.id, settings.dashboard_session_seconds,
+                                 tag=request.app[KEYRING].session_tag(key.id) or "")
     response = _see_other(target)
     # Secure only when the request itself came over HTTPS (behind a TLS proxy aiohttp needs to be told,
     # e.g. with aiohttp-remotes; see docs/dashboard.md): a Secure cookie over plain HTTP would be dropped.
@@ -164,7 +173,12 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 @requires_scope(Scope.MONITOR)
 async def logout(request: web.Request) -> web.StreamResponse:
-    """POST /dashboard/logout (CSRF token required, checked by the auth middleware): clear the cookie."""
+    """POST /dashboard/logout (CSRF token required, checked by the auth middleware): end the session
+    server-side (a bearer-authenticated logout has none to end) and clear the cookie."""
+    session = request.get(SESSION)
+    if session is not None:
+        await revocations(request.app).revoke(session)
+        log.info("dashboard_logout", key_id=session.key_id)
     response = _see_other(f"{LOGIN_PATH}?logged_out=1")
     response.del_cookie(COOKIE_NAME, path="/", httponly=True, samesite="Strict", secure=request.secure)
     return response

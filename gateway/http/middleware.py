@@ -179,7 +179,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if not header and scope is Scope.MONITOR:
         # Browsers cannot send a bearer header: a valid dashboard session cookie stands in for it, on
         # monitor routes only; a browser without one is sent to the login form instead of a 401.
-        session_key = session.session_key(request)
+        session_key = await session.session_key(request)
         if session_key is not None:
             request[API_KEY] = session_key
             structlog.contextvars.bind_contextvars(key_id=session_key.id)
