@@ -124,6 +124,8 @@ class Keyring:
         self.refuse_demo_tokens = refuse_demo_tokens
         self._keys: dict[str, ApiKey] = {}
         self._internal: dict[str, ApiKey] = {}
+        # Internal tokens standing in for a key of the file (an eval run's): dropped with that key.
+        self._internal_owner: dict[str, str] = {}
         self._tags: dict[str, str] = {}
 
     def load(self) -> None:
@@ -151,6 +153,11 @@ class Keyring:
                                     "127.0.0.1")
         self._keys = keys
         self._tags = {key.id: session_tag(digest) for digest, key in keys.items()}
+        ids = {key.id for key in keys.values()}
+        for digest, owner in list(self._internal_owner.items()):
+            if owner not in ids:
+                self._internal.pop(digest, None)
+                del self._internal_owner[digest]
 
     def reload(self) -> bool:
         """Reload the file; on any error keep the old keys, log why and return False."""
@@ -162,9 +169,24 @@ class Keyring:
         log.info("keys_reloaded", keys=len(self._keys))
         return True
 
-    def add_internal(self, token: str, key: ApiKey) -> None:
-        """Register a key that lives only in this process (e.g. the eval runner's own token)."""
-        self._internal[hash_token(token)] = key
+    def add_internal(self, token: str, key: ApiKey, *, owner: str | None = None) -> None:
+        """Register a key that lives only in this process (e.g. an eval run's own token). With `owner`, the
+        token stops working as soon as a reload no longer finds the file's key of that id."""
+        digest = hash_token(token)
+        self._internal[digest] = key
+        if owner is not None:
+            self._internal_owner[digest] = owner
+
+    def remove_internal(self, token: str) -> None:
+        """Revoke a token registered with `add_internal` (nothing happens for an unknown one)."""
+        digest = hash_token(token)
+        self._internal.pop(digest, None)
+        self._internal_owner.pop(digest, None)
+
+    @property
+    def internal_count(self) -> int:
+        """How many in-process tokens are registered now."""
+        return len(self._internal)
 
     def session_tag(self, key_id: str) -> str | None:
         """The session tag of the current token of key `key_id` (see `session_tag`), or None."""
