@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     runtime_shm_size: str = Field("8g", description="Docker backend: /dev/shm size (PyTorch workers share "
                                   "tensors through it); ignored when RUNTIME_IPC_HOST is true")
     runtime_ipc_host: bool = False
+    # Liveness of a ready managed runtime (gateway/actors/supervisor.py): a health probe every interval;
+    # this many failures in a row restart it with a crash log. 0 turns the probe off.
+    runtime_liveness_interval: float = Field(10.0, ge=0, description="Seconds between health probes of a ready "
+                                             "managed runtime (0: off)")
+    runtime_liveness_timeout: float = Field(5.0, gt=0, description="How long one liveness probe may take")
+    runtime_liveness_failures: int = Field(3, ge=1, le=1000, description="Failed liveness probes in a row that "
+                                           "restart the runtime")
     runtime_docker_healthcheck: bool = True
 
     # --- models
