@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     batch_retry_backoff_max: float = Field(30.0, ge=0)
     batch_poll_interval: float = Field(1.0, gt=0)
     batch_max_metadata_items: int = Field(16, ge=0)
+    batch_key_max_jobs: int = Field(100_000, ge=1, le=100_000_000, description="Jobs one key may hold (queued, "
+                                    "running, or finished and kept until BATCH_JOB_TTL_SECONDS); with "
+                                    "MAX_BODY_BYTES this bounds the request bytes a key can store")
     job_stream_maxlen: int = Field(1_000_000, ge=0)
     job_stream_max_age_seconds: int = Field(0, ge=0)
     swap_realtime_idle_seconds: float = Field(60.0, ge=0)

@@ -147,6 +147,8 @@ def make_settings(tmp_path: Path, redis_prefix: str, keys_file: Path, sim_url: s
             "upload_dir": str(tmp_path / "uploads"),
             # Many tests queue work for models other than the realtime one (swaps, queue views).
             "batch_models": "*",
+            # The scope matrix and friends fail authentication on purpose, many times from one address.
+            "auth_fail_max": 1_000_000,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

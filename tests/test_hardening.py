@@ -336,3 +336,39 @@ async def test_logout_revokes_the_session_server_side(gateway: Any) -> None:
     gateway.session.cookie_jar.clear()
     resp = await gateway.get("/monitor/runtime", cookies={COOKIE_NAME: cookie})
     assert resp.status == 401
+
+
+# --- 12: per-key cap on held jobs; cancelled jobs give their request bodies back at once
+async def test_a_key_holds_at_most_batch_key_max_jobs(aiohttp_client: Any, make_settings: Any,
+                                                      redis_prefix: str) -> None:
+    import redis.asyncio as aredis
+
+    from gateway.bootstrap import create_app
+    from gateway.redis_keys import RedisKeys
+    from tests.conftest import REDIS_URL, auth
+
+    client = await aiohttp_client(create_app(make_settings(batch_key_max_jobs=3, batch_dispatcher_enabled=False)))
+    body = {"model": REALTIME_MODEL, "prompt": "x" * 1000, "max_tokens": 2}
+    ids = []
+    for _ in range(3):
+        resp = await client.post("/v1/batch/completions", json=body, headers=auth("batch"))
+        assert resp.status == 202
+        ids.append((await resp.json())["id"])
+    resp = await client.post("/v1/batch/completions", json=body, headers=auth("batch"))
+    err = (await resp.json())["error"]
+    assert resp.status == 429 and err["code"] == "too_many_jobs" and "BATCH_KEY_MAX_JOBS" in err["message"]
+    # Another key is not affected.
+    assert (await client.post("/v1/batch/completions", json=body, headers=auth("batch2"))).status == 202
+    # Cancelling deletes the stored request body at once (not after BATCH_JOB_TTL_SECONDS).
+    r = aredis.Redis.from_url(REDIS_URL)
+    try:
+        job_key = RedisKeys(redis_prefix).job(ids[0])
+        assert await r.hexists(job_key, "request")
+        assert (await client.delete(f"/v1/jobs/{ids[0]}", headers=auth("batch"))).status == 200
+        assert not await r.hexists(job_key, "request")
+        assert (await client.get(f"/v1/jobs/{ids[0]}", headers=auth("batch"))).status == 200
+        # An expired job no longer counts: its id is pruned from the index when the cap is reached.
+        await r.delete(RedisKeys(redis_prefix).job(ids[1]))
+        assert (await client.post("/v1/batch/completions", json=body, headers=auth("batch"))).status == 202
+    finally:
+        await r.aclose()

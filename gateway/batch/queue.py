@@ -363,6 +363,8 @@ class JobQueue:
             await pipe.execute()
         else:
             outcome = f"already:{outcome}"
+        if result[0] == b"done":
+            await self.drop_requests([job_id])
         job = await self.get(job_id)
         if result[0] == b"done" and job is not None:
             await self.event(job, "cancelled")
@@ -433,6 +435,7 @@ class JobQueue:
                 if raw:
                     self._xadd(events, decode_hash(raw), "cancelled")
             await events.execute()
+            await self.drop_requests(done)
             cancelled += len(done)
             metrics.BATCH_JOBS.labels("cancelled").inc(len(done))
         return cancelled
@@ -752,3 +755,36 @@ class JobQueue:
 
     def _lease_deadline(self) -> int:
         return int((time.time() + self.settings.batch_lease_seconds) * 1000)
+
+    # --- per-key caps (BATCH_KEY_MAX_JOBS)
+    async def held_jobs(self, key_id: str, *, at_least: int | None = None) -> int:
+        """How many jobs `key_id` holds (any status, until their TTL), from its index.
+
+        The index keeps ids of expired jobs until a listing prunes them, so the count can be high; when it
+        reaches `at_least`, the expired ids are pruned first and the count taken again.
+        """
+        index = self.keys.job_index(key_id)
+        count = int(await self.redis.zcard(index))
+        if at_least is None or count < at_least:
+            return count
+        start = 0
+        while True:
+            ids = await self.redis.zrange(index, start, start + 999)
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.exists(self.keys.job(_text(raw_id)))
+            gone = [raw_id for raw_id, alive in zip(ids, await pipe.execute(), strict=True) if not alive]
+            if gone:
+                await self.redis.zrem(index, *gone)
+            start += len(ids) - len(gone)
+        return int(await self.redis.zcard(index))
+
+    async def drop_requests(self, job_ids: Sequence[str]) -> None:
+        """Delete the stored request bodies of cancelled jobs (never needed again; a cancelled job cannot be
+        requeued), so cancelling gives the key's stored bytes back at once rather than after the TTL."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hdel(self.keys.job(job_id), "request")
+        await pipe.execute()

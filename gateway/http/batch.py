@@ -22,11 +22,22 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(404, f"No job with id '{job_id}'.", code="job_not_found", param="id")
 
 
+def too_many_jobs(cap: int) -> ApiError:
+    """429 for a key that already holds BATCH_KEY_MAX_JOBS jobs."""
+    return ApiError(429, f"This key already holds {cap} batch jobs (BATCH_KEY_MAX_JOBS): wait for some to finish "
+                    "and expire, or cancel some, before submitting more.", type="rate_limit_error",
+                    code="too_many_jobs")
+
+
 async def _submit(request: web.Request, endpoint: Endpoint) -> web.Response:
     settings = request.app[SETTINGS]
     data = parse_json_object(await request.read())
     submission = parse_submission(data, endpoint, max_metadata_items=settings.batch_max_metadata_items,
                                   policy=ModelPolicy.from_settings(settings))
+    queue = request.app[BATCH_QUEUE]
+    cap = settings.batch_key_max_jobs
+    if await queue.held_jobs(request[API_KEY].id, at_least=cap) >= cap:
+        raise too_many_jobs(cap)
     job = await request.app[BATCH_QUEUE].enqueue(request[API_KEY].id, submission)
     view = job_view(job, include_result=False)
     return json_response(view, status=202, headers={"Location": view["status_url"]})

@@ -241,7 +241,8 @@ async def body_deadline(request: web.Request, handler: Handler) -> web.StreamRes
         request.writer.output_size = 0  # the interim response is not part of the real one
     if limit is not None and request.body_exists:
         # Possibly chunked, so of unknown length: aiohttp's own cap stops reading at the limit.
-        limited = request.clone(client_max_size=limit)
+        limited = request.clone(client_max_size=limit, scheme=request.scheme, host=request.host,
+                                remote=request.remote or "")
         for name, value in request.items():
             limited[name] = value
         request = limited

@@ -301,6 +301,12 @@ class BatchManager(Actor[_Drive | _Rescan]):
                     details.append(checked)
         if lines == 0:
             raise BatchFileError("empty_file", "The input file has no requests: it is empty or only blank lines.")
+        cap = self.settings.batch_key_max_jobs
+        held = await self.queue.held_jobs(batch["key_id"], at_least=max(0, cap - good))
+        if held + good > cap:
+            raise BatchFileError("too_many_jobs", f"The batch's {good} requests would take key "
+                                 f"'{batch['key_id']}' past {cap} held jobs (BATCH_KEY_MAX_JOBS; it holds {held}): "
+                                 "wait for earlier jobs to finish and expire, or cancel some.")
         if objects == 0:
             raise BatchFileError("invalid_file_format", "The input file is not JSONL: none of its lines is a JSON "
                                  "object. Each line must be {\"custom_id\", \"method\", \"url\", \"body\"}.", details)
