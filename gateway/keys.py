@@ -143,8 +143,8 @@ class Keyring:
             raise KeysFileError(f"AUTH_KEYS_FILE {self.path} is not valid JSON: {exc}") from None
         keys = parse_keys(data, str(self.path))
         if self.refuse_demo_tokens:
-            entries = data.get("keys") if isinstance(data, dict) else data
-            demo = [e["id"] for e in entries if isinstance(e.get("token"), str)
+            entries: list[Any] = (data.get("keys") if isinstance(data, dict) else data) or []
+            demo = [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("token"), str)
                     and e["token"].endswith(DEMO_TOKEN_SUFFIX) and not e.get("disabled")]
             if demo:
                 raise KeysFileError(f"AUTH_KEYS_FILE {self.path}: key(s) {', '.join(demo)} use the public demo "

@@ -372,3 +372,32 @@ async def test_a_key_holds_at_most_batch_key_max_jobs(aiohttp_client: Any, make_
         assert (await client.post("/v1/batch/completions", json=body, headers=auth("batch"))).status == 202
     finally:
         await r.aclose()
+
+
+# --- 13: aiohttp's own 400 answers name no request bytes
+@pytest.mark.parametrize("bad_line", [b"Authorization: Bearer sekrit-value-0123456789\x00",
+                                      b"Authorization: Bearer sekrit-value-0123456789\nX-Evil: 1",
+                                      b"X-Sekrit-Value-0123456789 : no-colon-space"])
+async def test_malformed_requests_get_a_400_that_echoes_nothing(make_settings: Any, bad_line: bytes) -> None:
+    from aiohttp import web
+
+    from gateway.bootstrap import create_app
+    from gateway.http.server import GatewayRunner
+    from tests.conftest import free_port
+
+    # The runner `llm-gateway serve` uses (aiohttp's test server has aiohttp's own).
+    runner = GatewayRunner(create_app(make_settings()), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = free_port()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert re.match(rb"HTTP/1\.[01] 400 ", raw), raw[:300]
+    assert b"ekrit" not in raw.lower(), raw
+    assert b"server: llm-gateway" in raw.lower() and b"aiohttp" not in raw.lower()
+    assert b'"code":"malformed_request"' in raw

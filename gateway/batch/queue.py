@@ -769,13 +769,14 @@ class JobQueue:
             return count
         start = 0
         while True:
-            ids = await self.redis.zrange(index, start, start + 999)
+            ids = [_text(raw) for raw in await self.redis.zrange(index, start, start + 999)
+                   if isinstance(raw, (bytes, str))]
             if not ids:
                 break
             pipe = self.redis.pipeline(transaction=False)
-            for raw_id in ids:
-                pipe.exists(self.keys.job(_text(raw_id)))
-            gone = [raw_id for raw_id, alive in zip(ids, await pipe.execute(), strict=True) if not alive]
+            for job_id in ids:
+                pipe.exists(self.keys.job(job_id))
+            gone = [job_id for job_id, alive in zip(ids, await pipe.execute(), strict=True) if not alive]
             if gone:
                 await self.redis.zrem(index, *gone)
             start += len(ids) - len(gone)
