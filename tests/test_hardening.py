@@ -401,3 +401,21 @@ async def test_malformed_requests_get_a_400_that_echoes_nothing(make_settings: A
     assert b"ekrit" not in raw.lower(), raw
     assert b"server: llm-gateway" in raw.lower() and b"aiohttp" not in raw.lower()
     assert b'"code":"malformed_request"' in raw
+
+
+def test_aiohttp_log_lines_are_json_like_the_rest(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from gateway.logging import configure_logging
+
+    try:
+        configure_logging("info", "json")
+        logging.getLogger("aiohttp.server").error("Error handling request from %s", "10.1.2.3",
+                                                  exc_info=ValueError("Invalid header b'Bearer sekrit-0123'"))
+        logging.getLogger("aiohttp.web").warning("plain %s line", "aiohttp")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    finally:
+        configure_logging("warning", "console")
+    assert [(e["logger"], e["level"]) for e in lines] == [("aiohttp.server", "error"), ("aiohttp.web", "warning")]
+    assert "sekrit" not in json.dumps(lines) and lines[1]["event"] == "plain aiohttp line"
