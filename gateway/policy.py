@@ -40,7 +40,8 @@ def valid_model_name(name: str) -> bool:
 def check_model_name(name: str, param: str = "model") -> str:
     """`name`, or a 400 when it is too long or holds characters no model id has."""
     if not valid_model_name(name):
-        raise bad_request(f"Model {shown(name)} is not a model name: use {MODEL_NAME_RULE}.", param=param,
+        raise bad_request(f"Model {shown(name)} is not a model name: use {MODEL_NAME_RULE} (an operator may "
+                          "allow another name by listing it exactly in BATCH_MODELS).", param=param,
                           code="invalid_model")
     return name
 

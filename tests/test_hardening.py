@@ -220,6 +220,9 @@ async def test_batch_models_default_to_the_realtime_model_only(aiohttp_client: A
             assert resp.status == 400, (path, model[:20], text[:300])
             assert "BATCH_MODELS" in text or "not a model name" in text
             assert len(text) < 2000, "the model name is not echoed in full"
+    # An operator's swap makes the runtime load the model too: the same allowlist.
+    resp = await client.post("/monitor/runtime/swap", json={"model": "/etc"}, headers=auth("monitor"))
+    assert resp.status == 400 and "BATCH_MODELS" in await resp.text()
     for model in (REALTIME_MODEL, "short"):
         resp = await client.post("/v1/batch/completions", json={"model": model, "prompt": "hi", "max_tokens": 2},
                                  headers=auth("batch"))
