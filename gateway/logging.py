@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
@@ -23,6 +24,18 @@ class _WithholdRequestText(logging.Filter):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (test runners swap and close it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -55,7 +68,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()) if use_json
         else structlog.dev.ConsoleRenderer())
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=foreign))
