@@ -56,7 +56,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=factory,  # type: ignore[arg-type]
+        logger_factory=factory,  # type: ignore[arg-type, unused-ignore]
         cache_logger_on_first_use=True,
     )
     # Standard-library loggers (aiohttp's, asyncio's, redis') go through structlog's renderer too, so the

@@ -35,7 +35,8 @@ def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, red
         assert http_status(url, "old-token-1234-xxxxxxx", body) == 200
         assert http_status(url, "new-token-5678-xxxxxxx", body) == 401
 
-        keys.write_text(json.dumps({"keys": [{"id": "new", "token": "new-token-5678-xxxxxxx", "scopes": ["realtime"]}]}))
+        new_key = {"id": "new", "token": "new-token-5678-xxxxxxx", "scopes": ["realtime"]}
+        keys.write_text(json.dumps({"keys": [new_key]}))
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while http_status(url, "new-token-5678-xxxxxxx", body) != 200:
