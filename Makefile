@@ -12,12 +12,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-## Serve on 0.0.0.0:8000 with the simulated runtime and Redis at REDIS_URL (or a local one under ./var)
+## Serve on 127.0.0.1:8000 (the demo tokens never off loopback; LISTEN_HOST=... to change) with the simulated runtime and Redis at REDIS_URL (or a local one under ./var)
 run: $(VENV)/.installed
 	@test -f config/auth.keys.json || { cp config/example.keys.json config/auth.keys.json; \
 		echo "created config/auth.keys.json from config/example.keys.json"; }
 	@scripts/ensure-redis.sh
-	$(PY) -m gateway serve
+	LISTEN_HOST=$${LISTEN_HOST:-127.0.0.1} $(PY) -m gateway serve
 
 ## Install test dependencies, start Docker if needed, build the test images offline, lint, run every test
 test: $(VENV)/.installed lint docker images browser js

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar
 
@@ -48,6 +49,7 @@ from gateway.http import (
 from gateway.http.appkeys import (
     ACCOUNTANT,
     ACTIVITY,
+    AUTH_THROTTLE,
     BATCH_MANAGER,
     BATCH_QUEUE,
     DISPATCHER,
@@ -69,6 +71,7 @@ from gateway.http.appkeys import (
     USAGE,
 )
 from gateway.http.errors import retry_hint
+from gateway.http.throttle import AuthThrottle
 from gateway.keys import Keyring
 from gateway.openai_batches.manager import BatchManager
 from gateway.settings import Settings
@@ -187,6 +190,11 @@ async def _drain_ctx(app: web.Application) -> AsyncIterator[None]:
             log.exception("drain_failed", task=task.get_name())
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would name itself and Python with their versions.
+    response.headers["Server"] = "llm-gateway"
+
+
 def _shutdown_timeout(settings: Settings) -> float:
     return settings.shutdown_timeout
 
@@ -196,12 +204,19 @@ def create_app(settings: Settings) -> web.Application:
 
     Raises KeysFileError when the keys file cannot be used (start-up stops with that message).
     """
-    app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[middleware.request_context, middleware.authenticate,
-                                       middleware.body_deadline])
+    with warnings.catch_warnings():
+        # aiohttp marks a custom router deprecated, yet it is the one way to keep aiohttp from sending
+        # `100 Continue` before the request is authorised (middleware.GatewayRouter).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        app = web.Application(client_max_size=settings.max_body_bytes, router=middleware.GatewayRouter(),
+                              middlewares=[middleware.request_context, middleware.authenticate,
+                                           middleware.body_deadline])
     app[SETTINGS] = settings
     app.on_response_prepare.append(retry_hint)
-    keyring = Keyring(settings.auth_keys_file)
+    app[AUTH_THROTTLE] = AuthThrottle(settings.auth_fail_max, settings.auth_fail_window_seconds,
+                                      settings.auth_fail_table_max, settings.trusted_proxy_networks)
+    app.on_response_prepare.append(_server_header)
+    keyring = Keyring(settings.auth_keys_file, refuse_demo_tokens=not settings.listens_on_loopback_only)
     keyring.load()
     app[KEYRING] = keyring
     app[REDIS_KEYS] = redis_client.keys_for(settings)

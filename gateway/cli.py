@@ -68,7 +68,9 @@ async def _run_service(app: web.Application, settings: Settings, notifier: syste
         loop.add_signal_handler(sig, stop.set)
     # aiohttp: on SIGTERM the listeners close, on_shutdown runs (batch drain starts), in-flight handlers
     # get SHUTDOWN_TIMEOUT to finish and are cancelled after it, then the cleanup contexts stop the actors.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+    from gateway.http.server import GatewayRunner
+
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_timeout,
                            keepalive_timeout=settings.client_header_timeout)
     cleaned = False

@@ -6,6 +6,7 @@ Tokens are only ever hashed (sha256) and compared by digest; the rest of the gat
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,14 @@ import orjson
 import structlog
 
 log = structlog.get_logger(component="auth")
+
+MIN_TOKEN_CHARS = 20
+# Key ids reach Redis key names (usage hashes are `<id>:<day>`), metric labels and logs: a colon could make
+# one key's id collide with another's usage hash, so ids are short words of letters, digits and `._-`.
+KEY_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+# The example keys file's plain tokens end so; they are public, so never served off loopback.
+DEMO_TOKEN_SUFFIX = "-change-me"
+KEY_ID_RULE = "1-64 characters of letters, digits, '.', '_' and '-', not starting with '.' or '-'"
 
 
 class Scope(StrEnum):
@@ -48,6 +57,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def session_tag(digest: str) -> str:
+    """What a dashboard session cookie carries of its key's token: a digest of the token's digest, so a
+    cookie dies with the token it was made with (rotated, or the key revoked and recreated)."""
+    return hashlib.sha256(b"dashboard-session:" + digest.encode()).hexdigest()[:32]
+
+
 def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
     """Validate the keys document and map token digest -> key.
 
@@ -68,6 +83,8 @@ def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
         if not isinstance(key_id, str) or not key_id.strip():
             raise KeysFileError(f"{where}: needs a non-empty string 'id'")
         where = f"{source}: key {key_id!r}"
+        if not KEY_ID.match(key_id):
+            raise KeysFileError(f"{where}: an id must be {KEY_ID_RULE}")
         if key_id in ids:
             raise KeysFileError(f"{where}: duplicate id")
         ids.add(key_id)
@@ -75,8 +92,9 @@ def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
         if (token is None) == (digest is None):
             raise KeysFileError(f"{where}: give exactly one of 'token' or 'token_sha256'")
         if token is not None:
-            if not isinstance(token, str) or len(token) < 8:
-                raise KeysFileError(f"{where}: 'token' must be a string of at least 8 characters")
+            if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+                raise KeysFileError(f"{where}: 'token' must be a string of at least {MIN_TOKEN_CHARS} characters "
+                                    "(`llm-gateway keys create` makes one)")
             digest = hash_token(token)
         elif not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef"
                                                                      for c in digest.lower()):
@@ -101,10 +119,14 @@ def parse_keys(data: Any, source: str = "keys file") -> dict[str, ApiKey]:
 class Keyring:
     """The current keys, loaded from AUTH_KEYS_FILE; `reload()` swaps them atomically."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, refuse_demo_tokens: bool = False) -> None:
         self.path = Path(path)
+        self.refuse_demo_tokens = refuse_demo_tokens
         self._keys: dict[str, ApiKey] = {}
         self._internal: dict[str, ApiKey] = {}
+        # Internal tokens standing in for a key of the file (an eval run's): dropped with that key.
+        self._internal_owner: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
 
     def load(self) -> None:
         """Load the file; raises KeysFileError with a clear message if it cannot be used."""
@@ -119,7 +141,23 @@ class Keyring:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise KeysFileError(f"AUTH_KEYS_FILE {self.path} is not valid JSON: {exc}") from None
-        self._keys = parse_keys(data, str(self.path))
+        keys = parse_keys(data, str(self.path))
+        if self.refuse_demo_tokens:
+            entries: list[Any] = (data.get("keys") if isinstance(data, dict) else data) or []
+            demo = [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("token"), str)
+                    and e["token"].endswith(DEMO_TOKEN_SUFFIX) and not e.get("disabled")]
+            if demo:
+                raise KeysFileError(f"AUTH_KEYS_FILE {self.path}: key(s) {', '.join(demo)} use the public demo "
+                                    f"tokens (ending {DEMO_TOKEN_SUFFIX!r}) while LISTEN_HOST is not a loopback "
+                                    "address: create real keys with `llm-gateway keys create`, or listen on "
+                                    "127.0.0.1")
+        self._keys = keys
+        self._tags = {key.id: session_tag(digest) for digest, key in keys.items()}
+        ids = {key.id for key in keys.values()}
+        for digest, owner in list(self._internal_owner.items()):
+            if owner not in ids:
+                self._internal.pop(digest, None)
+                del self._internal_owner[digest]
 
     def reload(self) -> bool:
         """Reload the file; on any error keep the old keys, log why and return False."""
@@ -131,9 +169,28 @@ class Keyring:
         log.info("keys_reloaded", keys=len(self._keys))
         return True
 
-    def add_internal(self, token: str, key: ApiKey) -> None:
-        """Register a key that lives only in this process (e.g. the eval runner's own token)."""
-        self._internal[hash_token(token)] = key
+    def add_internal(self, token: str, key: ApiKey, *, owner: str | None = None) -> None:
+        """Register a key that lives only in this process (e.g. an eval run's own token). With `owner`, the
+        token stops working as soon as a reload no longer finds the file's key of that id."""
+        digest = hash_token(token)
+        self._internal[digest] = key
+        if owner is not None:
+            self._internal_owner[digest] = owner
+
+    def remove_internal(self, token: str) -> None:
+        """Revoke a token registered with `add_internal` (nothing happens for an unknown one)."""
+        digest = hash_token(token)
+        self._internal.pop(digest, None)
+        self._internal_owner.pop(digest, None)
+
+    @property
+    def internal_count(self) -> int:
+        """How many in-process tokens are registered now."""
+        return len(self._internal)
+
+    def session_tag(self, key_id: str) -> str | None:
+        """The session tag of the current token of key `key_id` (see `session_tag`), or None."""
+        return self._tags.get(key_id)
 
     def authenticate(self, token: str) -> ApiKey | None:
         """The key for this bearer token, or None."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
 
+_OURS = "_llm_gateway_handler"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -22,6 +24,18 @@ class _WithholdRequestText(logging.Filter):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (test runners swap and close it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -45,7 +59,25 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=factory,  # type: ignore[arg-type, unused-ignore]
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr)
+    # Standard-library loggers (aiohttp's, asyncio's, redis') go through structlog's renderer too, so the
+    # log stays one JSON object per line; they keep their own level (warnings and up by default).
+    foreign: list[structlog.types.Processor] = [
+        structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.format_exc_info,
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode()) if use_json
+        else structlog.dev.ConsoleRenderer())
+    handler = _StderrHandler()
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=foreign))
+    setattr(handler, _OURS, True)
+    root = logging.getLogger()
+    for old_handler in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(old_handler)
+    root.addHandler(handler)
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _WithholdRequestText) for f in server_log.filters):
         server_log.addFilter(_WithholdRequestText())

@@ -118,6 +118,11 @@ class RedisKeys:
         """Pub/sub channel: a running job was cancelled (its holder stops the request)."""
         return f"{self.prefix}db{self.db}:batch_cancel"
 
+    # --- dashboard sessions (gateway/http/session.py)
+    def dashboard_session_revoked(self, nonce: str) -> str:
+        """String: present while a logged-out dashboard session's cookie would still be valid (TTL)."""
+        return f"{self.prefix}dashboard_revoked:{nonce}"
+
     # --- evaluation runs (docs/evals.md)
     def eval_run(self, run_id: str) -> str:
         """One eval run: its spec, status, timings, error and result (hash)."""

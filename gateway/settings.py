@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 import socket
@@ -69,11 +70,25 @@ class Settings(BaseSettings):
     runtime_shm_size: str = Field("8g", description="Docker backend: /dev/shm size (PyTorch workers share "
                                   "tensors through it); ignored when RUNTIME_IPC_HOST is true")
     runtime_ipc_host: bool = False
+    # Liveness of a ready managed runtime (gateway/actors/supervisor.py): a health probe every interval;
+    # this many failures in a row restart it with a crash log. 0 turns the probe off.
+    runtime_liveness_interval: float = Field(10.0, ge=0, description="Seconds between health probes of a ready "
+                                             "managed runtime (0: off)")
+    runtime_liveness_timeout: float = Field(5.0, gt=0, description="How long one liveness probe may take")
+    runtime_liveness_failures: int = Field(3, ge=1, le=1000, description="Failed liveness probes in a row that "
+                                           "restart the runtime")
     runtime_docker_healthcheck: bool = True
 
     # --- models
     realtime_model: str = "synquid/gemma-3-27b-it-FP8"
     model_aliases: str = ""
+    batch_models: str = Field("", description="Models batch work, Batches lines and evals may run besides the "
+                              "realtime model and its aliases: comma-separated names or glob patterns "
+                              "(e.g. 'google/gemma-3-*'); empty: the realtime model only, '*': any valid name")
+    # Bounds on one request's generation, realtime and batch alike (gateway/policy.py).
+    request_max_n: int = Field(16, ge=1, le=1024, description="Largest `n` (and `best_of`) one request may ask for")
+    request_max_tokens: int = Field(32768, ge=1, le=10_000_000, description="Largest `max_tokens` (and "
+                                    "`max_completion_tokens`) one request may ask for")
 
     # --- proxy
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
@@ -100,6 +115,9 @@ class Settings(BaseSettings):
     batch_retry_backoff_max: float = Field(30.0, ge=0)
     batch_poll_interval: float = Field(1.0, gt=0)
     batch_max_metadata_items: int = Field(16, ge=0)
+    batch_key_max_jobs: int = Field(100_000, ge=1, le=100_000_000, description="Jobs one key may hold (queued, "
+                                    "running, or finished and kept until BATCH_JOB_TTL_SECONDS); with "
+                                    "MAX_BODY_BYTES this bounds the request bytes a key can store")
     job_stream_maxlen: int = Field(1_000_000, ge=0)
     job_stream_max_age_seconds: int = Field(0, ge=0)
     swap_realtime_idle_seconds: float = Field(60.0, ge=0)
@@ -124,6 +142,15 @@ class Settings(BaseSettings):
     # --- auth and accounting
     auth_keys_file: str = "config/auth.keys.json"
     internal_eval_key_id: str = "__internal_eval__"
+    # Failed authentication (unknown bearer tokens, refused dashboard logins) per client address: after
+    # AUTH_FAIL_MAX failures within AUTH_FAIL_WINDOW_SECONDS the address gets 429 until the window ends.
+    auth_fail_max: int = Field(20, ge=1, le=1_000_000, description="Failed authentications one client "
+                               "address may make per window before it is refused with 429")
+    auth_fail_window_seconds: float = Field(60.0, gt=0, description="The window AUTH_FAIL_MAX counts in")
+    auth_fail_table_max: int = Field(10_000, ge=1, le=10_000_000, description="Client addresses tracked "
+                                     "at once (oldest forgotten first)")
+    trusted_proxies: str = Field("", description="Comma-separated addresses or CIDR networks of reverse "
+                                 "proxies whose X-Forwarded-For names the client; empty: none trusted")
     usage_buffer_max: int = Field(100_000, gt=0)
     usage_flush_interval: float = Field(0.25, gt=0)
     usage_daily_ttl_days: int = Field(90, gt=0)
@@ -267,6 +294,26 @@ class Settings(BaseSettings):
                              "print(secrets.token_urlsafe(32))'`), or leave it empty for a per-process secret")
         return value
 
+    @field_validator("batch_models")
+    @classmethod
+    def _batch_models(cls, value: str) -> str:
+        bad = [p.strip() for p in value.split(",") if p.strip() and
+               (len(p.strip()) > 200 or not re.fullmatch(r"[A-Za-z0-9._/:@+*?\[\]~-]+", p.strip()))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a model name or glob pattern")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an IP address or CIDR network") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -331,6 +378,27 @@ class Settings(BaseSettings):
     def aliases(self) -> frozenset[str]:
         """Other names clients may use for the realtime model."""
         return frozenset(a.strip() for a in self.model_aliases.split(",") if a.strip())
+
+    @property
+    def batch_model_patterns(self) -> tuple[str, ...]:
+        """BATCH_MODELS as a tuple of names or glob patterns."""
+        return tuple(p.strip() for p in self.batch_models.split(",") if p.strip())
+
+    @property
+    def listens_on_loopback_only(self) -> bool:
+        """True when LISTEN_HOST is a loopback address (or localhost): nothing off this machine can connect."""
+        if self.listen_host.strip().lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.listen_host.strip()).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """TRUSTED_PROXIES as networks."""
+        return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in self.trusted_proxies.split(",")
+                     if p.strip())
 
     @property
     def runtime_env_dict(self) -> dict[str, str]:

@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # scope name (or role) -> (key id, token, scopes)
 KEYS: dict[str, tuple[str, str, list[str]]] = {
-    "realtime": ("k-realtime", "tok-realtime-0001", ["realtime"]),
-    "batch": ("k-batch", "tok-batch-0001", ["batch"]),
-    "batch2": ("k-batch2", "tok-batch-0002", ["batch"]),
-    "eval": ("k-eval", "tok-eval-0001", ["eval"]),
-    "upload": ("k-upload", "tok-upload-0001", ["upload"]),
-    "upload2": ("k-upload2", "tok-upload-0002", ["upload"]),
-    "monitor": ("k-monitor", "tok-monitor-0001", ["monitor"]),
-    "all": ("k-all", "tok-all-scopes-0001", ["realtime", "batch", "eval", "upload", "monitor"]),
+    "realtime": ("k-realtime", "tok-realtime-0001-testkey", ["realtime"]),
+    "batch": ("k-batch", "tok-batch-0001-testkey", ["batch"]),
+    "batch2": ("k-batch2", "tok-batch-0002-testkey", ["batch"]),
+    "eval": ("k-eval", "tok-eval-0001-testkey", ["eval"]),
+    "upload": ("k-upload", "tok-upload-0001-testkey", ["upload"]),
+    "upload2": ("k-upload2", "tok-upload-0002-testkey", ["upload"]),
+    "monitor": ("k-monitor", "tok-monitor-0001-testkey", ["monitor"]),
+    "all": ("k-all", "tok-all-scopes-0001-testkey", ["realtime", "batch", "eval", "upload", "monitor"]),
 }
 TOKENS: dict[str, str] = {name: token for name, (_, token, _) in KEYS.items()}
 KEY_IDS: dict[str, str] = {name: key_id for name, (key_id, _, _) in KEYS.items()}
@@ -216,6 +216,10 @@ def make_settings(tmp_path: Path, redis_prefix: str, keys_file: Path, sim_url: s
             "usage_flush_interval": 0.05,
             "euroeval_debug_log": str(tmp_path / "euroeval_debug.log"),
             "upload_dir": str(tmp_path / "uploads"),
+            # Many tests queue work for models other than the realtime one (swaps, queue views).
+            "batch_models": "*",
+            # The scope matrix and friends fail authentication on purpose, many times from one address.
+            "auth_fail_max": 1_000_000,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -22,7 +22,8 @@ def gateway_env(tmp_path: Path, redis_prefix: str, keys_file: Path, runtime_url:
             "AUTH_KEYS_FILE": str(keys_file), "RUNTIME_BACKEND": "external", "RUNTIME_URL": runtime_url,
             "REALTIME_MODEL": REALTIME_MODEL, "LOG_FORMAT": "json", "LOG_LEVEL": "warning",
             "UPLOAD_DIR": str(tmp_path / "uploads"), "RUNTIME_FAILURE_DIR": str(tmp_path / "runtime_failures"),
-            "EUROEVAL_DEBUG_LOG": str(tmp_path / "euroeval_debug.log"), "SHUTDOWN_TIMEOUT": "5", **extra}
+            "EUROEVAL_DEBUG_LOG": str(tmp_path / "euroeval_debug.log"), "SHUTDOWN_TIMEOUT": "5",
+            "BATCH_MODELS": "*", **extra}
 
 
 def start_gateway(tmp_path: Path, name: str, env: dict[str, str],

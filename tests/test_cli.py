@@ -55,7 +55,7 @@ def running_gateway(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[s
     """`llm-gateway serve` with the process backend (the simulator), so the runtime can restart and swap."""
     port = free_port()
     env = {**cli_env, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(port), "RUNTIME_BACKEND": "process",
-           "REALTIME_MODEL": REALTIME_MODEL, "RUNTIME_PID_FILE": str(tmp_path / "runtime.pid"),
+           "REALTIME_MODEL": REALTIME_MODEL, "RUNTIME_PID_FILE": str(tmp_path / "runtime.pid"), "BATCH_MODELS": "*",
            "RUNTIME_FAILURE_DIR": str(tmp_path / "failures"), "BATCH_DISPATCHER_ENABLED": "false",
            "UPLOAD_DIR": str(tmp_path / "uploads"), "RUNTIME_EXPECTED_START_SECONDS": "2"}
     log = (tmp_path / "gateway.log").open("wb")
@@ -104,6 +104,8 @@ def test_keys_create_list_revoke_with_reload(tmp_path: Path, cli_env: dict[str, 
     assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
     bad_scope = cli("keys", "create", "x", "--scopes", "monitor,admin", env=cli_env, cwd=tmp_path)
     assert bad_scope.returncode == 1 and "unknown: admin" in bad_scope.stderr
+    bad_id = cli("keys", "create", "x::20261202", "--scopes", "batch", env=cli_env, cwd=tmp_path)
+    assert bad_id.returncode == 1 and "letters, digits" in bad_id.stderr
     assert json.loads(keys_file.read_text()) == stored, "a refused command must not touch the file"
 
     revoked = cli("keys", "revoke", "ops-new", "--reload-pid", str(proc.pid), env=cli_env, cwd=tmp_path)

@@ -141,14 +141,17 @@ async def test_forged_expired_and_revoked_sessions_are_refused(aiohttp_client: A
                                                               keys_file: Path) -> None:
     client = await make_client(aiohttp_client, make_settings)
     secret = client.app[SECRET]
-    good, _ = make_cookie_value(secret, KEY_IDS["monitor"], 3600)
+    tag = client.app[KEYRING].session_tag
+    good, _ = make_cookie_value(secret, KEY_IDS["monitor"], 3600, tag=tag(KEY_IDS["monitor"]) or "")
     payload, signature = good.split(".")
-    other_payload = make_cookie_value(secret, KEY_IDS["all"], 3600)[0].split(".")[0]
-    expired, _ = make_cookie_value(secret, KEY_IDS["monitor"], 60, now=time.time() - 3600)
-    foreign, _ = make_cookie_value(b"x" * 32, KEY_IDS["monitor"], 3600)
-    unscoped, _ = make_cookie_value(secret, KEY_IDS["realtime"], 3600)
+    other_payload = make_cookie_value(secret, KEY_IDS["all"], 3600, tag=tag(KEY_IDS["all"]) or "")[0].split(".")[0]
+    expired, _ = make_cookie_value(secret, KEY_IDS["monitor"], 60, now=time.time() - 3600,
+                                   tag=tag(KEY_IDS["monitor"]) or "")
+    foreign, _ = make_cookie_value(b"x" * 32, KEY_IDS["monitor"], 3600, tag=tag(KEY_IDS["monitor"]) or "")
+    unscoped, _ = make_cookie_value(secret, KEY_IDS["realtime"], 3600, tag=tag(KEY_IDS["realtime"]) or "")
+    untagged, _ = make_cookie_value(secret, KEY_IDS["monitor"], 3600)
     for value in (f"{payload}.{signature[:-2]}AA", f"{other_payload}.{signature}", expired, foreign, unscoped,
-                  "garbage", ""):
+                  untagged, "garbage", ""):
         resp = await client.get("/monitor/runtime", cookies={COOKIE_NAME: value})
         assert resp.status == 401, value
     resp = await client.get("/monitor/runtime", cookies={COOKIE_NAME: good})
@@ -278,9 +281,13 @@ async def test_dashboard_pages_render(aiohttp_client: Any, make_settings: Any) -
 async def test_initial_data_cannot_break_out_of_its_script_element(aiohttp_client: Any, make_settings: Any) -> None:
     client = await make_client(aiohttp_client, make_settings)
     evil = "</script><script>alert(1)</script>"
-    await submit_job(client, model=evil)
+    # Model names are held to model-id characters now (gateway/policy.py); metadata is free text.
+    resp = await client.post("/v1/batch/chat/completions", headers=auth("batch"),
+                             json={**CHAT, "metadata": {"note": evil}})
+    assert resp.status == 202, await resp.text()
+    job_id = (await resp.json())["id"]
     await login(client)
-    text = await (await client.get("/dashboard/jobs", headers=HTML)).text()
+    text = await (await client.get(f"/dashboard/jobs/{job_id}", headers=HTML)).text()
     assert evil not in text and "\\u003c/script\\u003e" in text
 
 
@@ -445,7 +452,7 @@ async def test_redis_down_degrades_the_overview_and_answers_503_elsewhere(aiohtt
     monitor = auth("monitor")
     body = await (await client.get("/monitor/overview", headers=monitor)).json()
     assert body["redis"] == "down" and body["queue"] is None and body["runtime"]["state"] == "ready"
-    for path in ("/monitor/jobs", "/monitor/keys", "/monitor/jobs/job_x"):
+    for path in ("/monitor/jobs", "/monitor/keys", "/monitor/jobs/job_" + "0" * 24):
         resp = await client.get(path, headers=monitor)
         assert resp.status == 503, path
         assert (await resp.json())["error"]["code"] == "redis_unavailable"

@@ -63,12 +63,11 @@ async def test_euroeval_run_succeeds_through_the_gateway(aiohttp_client: Any, ma
     finally:
         rclient.close()
     log = Path(client.app[EVAL_RUNNER].settings.euroeval_debug_log).read_text()
-    token = client.app[EVAL_RUNNER]._tokens[KEY_IDS["eval"]]
-    assert token not in log and "--api-key <redacted>" in log
+    assert "--api-key" not in log and "OPENAI_API_KEY" not in log
     assert f"[{view['id']}] stdout: Evaluated angry-tweets: 3 requests" in log
     assert f"[{view['id']}] stderr: Using cache dir" in log
     assert f"[{view['id']}] adapter: exited with status 0" in log
-    assert f"--api-base http://127.0.0.1:{client.port}/v1" in log
+    assert f"--api-base=http://127.0.0.1:{client.port}/v1" in log
     # The raw results file stays in the run's working directory.
     results = tmp_path / "euroeval" / view["id"] / "euroeval_benchmark_results.jsonl"
     assert [r["dataset"] for r in read_results(results)] == ["angry-tweets", "swerec"]
@@ -82,7 +81,8 @@ async def test_euroeval_failure_reports_the_log_tail(aiohttp_client: Any, make_s
     assert done["status"] == "failed"
     assert done["error"]["code"] == "euroeval_failed"
     assert "EuroEval exited with status 1" in done["error"]["message"]
-    assert "euroeval_debug.log" in done["error"]["message"]
+    assert "EUROEVAL_DEBUG_LOG" in done["error"]["message"]
+    assert str(tmp_path) not in str(done["error"]), "server paths stay out of client-facing errors"
     assert done["error"]["log_tail"][-1] == "euroeval.exceptions.InvalidBenchmark: fake failure requested"
     assert "Evaluated scala-en: 3 requests" in done["error"]["log_tail"]
     assert done["metrics"] is None
@@ -105,6 +105,35 @@ async def test_euroeval_command_missing_fails(aiohttp_client: Any, make_settings
     done = await wait_run(client, view["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "euroeval_unavailable"
     assert "EUROEVAL_COMMAND" in done["error"]["message"]
+    assert str(tmp_path) not in str(done["error"])
+
+
+async def test_the_run_token_is_not_in_argv_and_dies_with_the_run(aiohttp_client: Any, make_settings: Any,
+                                                                  tmp_path: Path, keys_file: Path) -> None:
+    import json
+
+    from gateway.http.appkeys import KEYRING
+
+    saved = tmp_path / "seen-key"
+    client = await euroeval_gateway(aiohttp_client, make_settings, tmp_path, f"--fake-save-key={saved}")
+    view = await create_run(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
+    done = await wait_run(client, view["id"])
+    assert done["status"] == "completed", done["error"]
+    token = saved.read_text()
+    assert len(token) >= 32  # it came through the environment
+    body = {"model": REALTIME_MODEL, "prompt": "x", "max_tokens": 2}
+    resp = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 401, "the run's token outlived the run"
+    assert client.app[KEYRING].internal_count == 0
+    # A run's token also dies when its key leaves the keys file (SIGHUP reload), even mid-run.
+    ring = client.app[KEYRING]
+    ring.add_internal("t" * 40, ring.by_id(KEY_IDS["eval"]), owner=KEY_IDS["eval"])  # type: ignore[arg-type]
+    assert ring.authenticate("t" * 40) is not None
+    doc = json.loads(keys_file.read_text())
+    doc["keys"] = [k for k in doc["keys"] if k["id"] != KEY_IDS["eval"]]
+    keys_file.write_text(json.dumps(doc))
+    assert ring.reload()
+    assert ring.authenticate("t" * 40) is None
 
 
 async def test_cancel_stops_euroeval(aiohttp_client: Any, make_settings: Any, tmp_path: Path) -> None:
@@ -134,14 +163,16 @@ async def test_cancel_stops_euroeval(aiohttp_client: Any, make_settings: Any, tm
 
 
 def test_build_args_matches_the_euroeval_cli() -> None:
-    argv = build_args(["euroeval"], model="org/m", api_base="http://127.0.0.1:8000/v1", api_key="secret-1",
+    argv = build_args(["euroeval"], model="org/m", api_base="http://127.0.0.1:8000/v1",
                       datasets=[], tasks=["sentiment-classification"], languages=["da", "sv"],
                       options={"num_iterations": 3, "few_shot": True, "evaluate_test_split": True,
                                "generative_type": "instruction_tuned"}, cache_dir="/c")
-    assert argv == ["euroeval", "--model", "org/m", "--api-base", "http://127.0.0.1:8000/v1", "--api-key",
-                    "secret-1", "--task", "sentiment-classification", "--language", "da", "--language", "sv",
-                    "--num-iterations", "3", "--few-shot", "--evaluate-test-split", "--generative-type",
-                    "instruction_tuned", "--no-progress-bar", "--cache-dir", "/c"]
+    # Every value as --option=value: one starting with '-' is never taken for an option.
+    assert argv == ["euroeval", "--model=org/m", "--api-base=http://127.0.0.1:8000/v1",
+                    "--task=sentiment-classification", "--language=da", "--language=sv",
+                    "--num-iterations=3", "--few-shot", "--evaluate-test-split", "--generative-type=instruction_tuned",
+                    "--no-progress-bar", "--cache-dir=/c"]
+    assert not any("secret" in a for a in argv)
 
 
 def test_read_results_accepts_old_and_new_record_shapes(tmp_path: Path) -> None:

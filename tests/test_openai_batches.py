@@ -130,7 +130,7 @@ async def test_bad_lines_go_to_the_error_file(gateway: Any) -> None:
         {"method": "POST", "url": CHAT, "body": {}},                          # 9: no custom_id
         "",                                                                   # blank: skipped
         line("ok-2", priority=9, metadata={"x": "y"}),                        # 11: batch fields ignored
-        line("too-long", max_tokens=10_000_000),                              # 12: valid, the runtime says 400
+        line("too-long", max_tokens=10_000_000),                              # 12: past REQUEST_MAX_TOKENS
     ]
     batch = await run_batch(api, jsonl(rows))
     done = await wait_batch(api, batch.id, {"completed", "failed"})
@@ -139,14 +139,13 @@ async def test_bad_lines_go_to_the_error_file(gateway: Any) -> None:
     assert sorted(o["custom_id"] for o in await file_lines(api, done.output_file_id)) == ["ok-1", "ok-2"]
     errors = await file_lines(api, done.error_file_id)
     rejected = [e for e in errors if e["custom_id"] == "too-long"]
-    assert len(rejected) == 1 and rejected[0]["error"] is None
-    assert rejected[0]["response"]["status_code"] == 400
-    assert "max_tokens" in rejected[0]["response"]["body"]["error"]["message"]
+    assert len(rejected) == 1 and rejected[0]["response"] is None
+    assert rejected[0]["error"]["code"] == "invalid_body" and "REQUEST_MAX_TOKENS" in rejected[0]["error"]["message"]
     by_line = {e["error"]["line"]: e for e in errors if e["error"]}
-    assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9, 12]
     assert {n: by_line[n]["error"]["code"] for n in by_line} == {
         2: "invalid_json", 3: "duplicate_custom_id", 4: "invalid_method", 5: "invalid_url", 6: "invalid_body",
-        7: "invalid_body", 8: "invalid_json", 9: "invalid_custom_id"}
+        7: "invalid_body", 8: "invalid_json", 9: "invalid_custom_id", 12: "invalid_body"}
     assert by_line[3]["custom_id"] == "ok-1" and by_line[2]["custom_id"] is None
     assert all(e["response"] is None for e in by_line.values())
     assert by_line[6]["error"]["param"] == "body.messages" and "Line 6" in by_line[6]["error"]["message"]
@@ -418,6 +417,7 @@ async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, re
     env = {**os.environ, "LISTEN_HOST": "127.0.0.1", "REDIS_URL": REDIS_URL, "REDIS_PREFIX": redis_prefix,
            "AUTH_KEYS_FILE": str(keys_file), "RUNTIME_BACKEND": "external", "RUNTIME_URL": slow_sim,
            "REALTIME_MODEL": REALTIME_MODEL, "UPLOAD_DIR": str(tmp_path / "uploads"), "MAX_CONCURRENT_BATCH": "4",
+           "BATCH_MODELS": "*",
            "BATCH_LEASE_SECONDS": "1", "OPENAI_BATCH_ENQUEUE_CHUNK": "7", "LOG_LEVEL": "warning",
            "RUNTIME_FAILURE_DIR": str(tmp_path / "failures")}
 

@@ -6,8 +6,8 @@ import re
 from typing import Any
 
 from gateway.bootstrap import create_app
-from gateway.http.realtime import ENDPOINTS
 from gateway.http.auth import accepted_scopes
+from gateway.http.realtime import ENDPOINTS
 from gateway.keys import Scope
 from tests.conftest import KEYS, REALTIME_MODEL, TOKENS, wait_ready
 

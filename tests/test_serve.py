@@ -18,7 +18,7 @@ from tests.liveproc import http_status
 
 def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, redis_prefix: str) -> None:
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"id": "old", "token": "old-token-1234", "scopes": ["realtime"]}]}))
+    keys.write_text(json.dumps({"keys": [{"id": "old", "token": "old-token-1234-xxxxxxx", "scopes": ["realtime"]}]}))
     port = free_port()
     env = {**os.environ, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(port), "REDIS_URL": REDIS_URL,
            "REDIS_PREFIX": redis_prefix, "AUTH_KEYS_FILE": str(keys), "RUNTIME_BACKEND": "external",
@@ -32,21 +32,22 @@ def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, red
         wait_http(base + "/ready", timeout=30, proc=proc)
         body = {"model": REALTIME_MODEL, "prompt": "x", "max_tokens": 2}
         url = base + "/v1/completions"
-        assert http_status(url, "old-token-1234", body) == 200
-        assert http_status(url, "new-token-5678", body) == 401
+        assert http_status(url, "old-token-1234-xxxxxxx", body) == 200
+        assert http_status(url, "new-token-5678-xxxxxxx", body) == 401
 
-        keys.write_text(json.dumps({"keys": [{"id": "new", "token": "new-token-5678", "scopes": ["realtime"]}]}))
+        new_key = {"id": "new", "token": "new-token-5678-xxxxxxx", "scopes": ["realtime"]}
+        keys.write_text(json.dumps({"keys": [new_key]}))
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while http_status(url, "new-token-5678", body) != 200:
+        while http_status(url, "new-token-5678-xxxxxxx", body) != 200:
             assert time.monotonic() < deadline, "SIGHUP did not load the new key"
             time.sleep(0.05)
-        assert http_status(url, "old-token-1234", body) == 401
+        assert http_status(url, "old-token-1234-xxxxxxx", body) == 401
 
         keys.write_text("{ this is not json")
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
-        assert http_status(url, "new-token-5678", body) == 200, "a bad keys file must keep the old keys"
+        assert http_status(url, "new-token-5678-xxxxxxx", body) == 200, "a bad keys file must keep the old keys"
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -56,7 +57,7 @@ def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, red
             proc.wait(10)
     logs = log_path.read_text()
     assert "keys_reload_failed" in logs and "keys_reloaded" in logs
-    for token in ("old-token-1234", "new-token-5678"):
+    for token in ("old-token-1234-xxxxxxx", "new-token-5678-xxxxxxx"):
         assert token not in logs, "a token reached the logs"
     # JSON logs, one object a line, with request ids on request lines.
     records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]

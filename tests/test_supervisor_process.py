@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -389,3 +390,25 @@ async def test_external_runtime_serving_another_model_fails_clearly(make_setting
         proc.terminate()
         proc.wait(10)
 
+
+
+async def test_a_hung_ready_runtime_is_restarted_with_a_crash_log(proc_settings: Callable[..., Settings],
+                                                                  supervisors: Factory) -> None:
+    # A runtime that is alive but answers nothing (here: stopped with SIGSTOP; in the wild, an `n` of
+    # a hundred million) must not stay "ready": the liveness probe turns it into a restart.
+    sup = supervisors(proc_settings(runtime_liveness_interval=0.3, runtime_liveness_timeout=0.5,
+                                    runtime_liveness_failures=2, runtime_stop_timeout=1))
+    await sup.start()
+    await sup.wait_ready(30)
+    pid = process_pid(sup)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        failed = await wait_for_state(sup, lambda s: s.state is RuntimeState.FAILED, timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert "RUNTIME_LIVENESS" in (failed.last_error or "")
+    log_text = Path(failed.last_crash_log or "").read_text()
+    assert "reason: unhealthy" in log_text
+    again = await sup.wait_ready(30)
+    assert process_pid(sup) != pid and again.ready

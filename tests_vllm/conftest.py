@@ -60,9 +60,9 @@ READY_TIMEOUT = 300.0
 
 KEYS: dict[str, tuple[str, str, list[str]]] = {
     "realtime": ("v-realtime", "tok-vllm-realtime-0001", ["realtime"]),
-    "batch": ("v-batch", "tok-vllm-batch-0001", ["batch"]),
+    "batch": ("v-batch", "tok-vllm-batch-0001-testkey", ["batch"]),
     "monitor": ("v-monitor", "tok-vllm-monitor-0001", ["monitor"]),
-    "all": ("v-all", "tok-vllm-all-0001", ["realtime", "batch", "monitor"]),
+    "all": ("v-all", "tok-vllm-all-0001-testkey", ["realtime", "batch", "monitor"]),
 }
 TOKENS = {role: token for role, (_, token, _) in KEYS.items()}
 KEY_IDS = {role: key_id for role, (key_id, _, _) in KEYS.items()}
@@ -239,6 +239,7 @@ def gateway_settings(tmp: Path, prefix: str, **overrides: Any) -> Settings:
         "batch_max_residency_seconds": 600,
         "upload_dir": str(tmp / "uploads"),
         "euroeval_debug_log": str(tmp / "euroeval_debug.log"),
+        "batch_models": OTHER_MODEL,  # the swap tests' second model (a local path, so named exactly)
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -32,6 +32,7 @@ from gateway.evals.euroeval import EuroEvalFailed, build_args, run_euroeval
 from gateway.evals.evalrepo import EvalRepo, EvalRepoError
 from gateway.evals.runs import FINAL_STATUSES, Harness, RunSpec, RunStatus, RunStore, run_view
 from gateway.keys import ApiKey, Keyring, Scope
+from gateway.policy import ModelPolicy
 from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.redis_codec import as_bytes, hash_fields, opt_text, text_hash, texts
 from gateway.redis_keys import RedisKeys
@@ -332,8 +333,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
         try:
             submission = parse_submission(body, Endpoint(request["endpoint"]),
                                           max_metadata_items=max(2, self.settings.batch_max_metadata_items),
-                                          model_aliases=self.settings.aliases,
-                                          realtime_model=self.settings.realtime_model)
+                                          policy=ModelPolicy.from_settings(self.settings))
         except (ApiError, ValueError) as exc:
             # The eval asked for something the batch API refuses: the sample fails, the run goes on.
             message = exc.message if isinstance(exc, ApiError) else str(exc)
@@ -400,32 +400,42 @@ class EvalRunner(Actor[_Start | _Cancel]):
             await self.queue.cancel(job_id, key_id)
 
     # --- EuroEval runs
-    def _token(self, key_id: str) -> str:
-        """This process's token for EuroEval runs of one key (realtime scope, accounted to that key)."""
-        token = self._tokens.get(key_id)
-        if token is None:
-            token = self._tokens[key_id] = secrets.token_urlsafe(32)
-            self.keyring.add_internal(token, ApiKey(key_id, frozenset({Scope.REALTIME})))
+    def _token(self, run_id: str, key_id: str) -> str:
+        """A token for one EuroEval run (realtime scope, accounted to the run's key), revoked when the run
+        ends (`_drop_token`) or when its key leaves the keys file (the keyring drops it on reload)."""
+        token = self._tokens[run_id] = secrets.token_urlsafe(32)
+        owner = None if key_id == self.settings.internal_eval_key_id else key_id
+        self.keyring.add_internal(token, ApiKey(key_id, frozenset({Scope.REALTIME})), owner=owner)
         return token
+
+    def _drop_token(self, run_id: str) -> None:
+        token = self._tokens.pop(run_id, None)
+        if token is not None:
+            self.keyring.remove_internal(token)
 
     async def _drive_euroeval(self, run: dict[str, str], spec: RunSpec) -> None:
         run_id = run["id"]
         if await self.store.update(run_id, {"status": RunStatus.RUNNING.value,
                                             "started_at": run.get("started_at") or repr(time.time())}) != "ok":
             return
-        token = self._token(run["key_id"])
+        token = self._token(run_id, run["key_id"])
         work = Path(self.settings.euroeval_work_dir)
         argv = build_args(shlex.split(self.settings.euroeval_command), model=spec.model, api_base=self.api_base,
-                          api_key=token, datasets=spec.datasets, tasks=spec.tasks, languages=spec.languages,
+                          datasets=spec.datasets, tasks=spec.tasks, languages=spec.languages,
                           options=spec.options, cache_dir=str((work / "cache").resolve()))
         try:
             result = await run_euroeval(argv, cwd=(work / run_id).resolve(), debug_log=self.settings.euroeval_debug_log,
                                         run_id=run_id, secret=token, timeout=self.settings.euroeval_timeout_seconds,
                                         tail_lines=self.settings.eval_log_tail_lines)
         except EuroEvalFailed as exc:
-            await self._fail(run, f"{exc.message} Full log: {self.settings.euroeval_debug_log}", exc.code,
-                             exc.log_tail)
+            # The client sees the message and the log's tail; the debug log's path stays on the server.
+            where = str(work.resolve())
+            tail = [line.replace(where, "<EUROEVAL_WORK_DIR>") for line in exc.log_tail]
+            await self._fail(run, f"{exc.message} The full log is in the gateway's EUROEVAL_DEBUG_LOG.", exc.code,
+                             tail)
             return
+        finally:
+            self._drop_token(run_id)
         await self._complete(run, result, {})
 
     # --- job events: wake a run as soon as one of its jobs finishes (polling is only the fallback)

@@ -552,7 +552,7 @@ class RuntimeSupervisor(Actor[_Message]):
                     await self.start_times.record(model, duration)
                 ready_at = self.clock()
                 try:
-                    info = await exit_task
+                    info = await self._watch(url, exit_task)
                 except Exception as exc:
                     info = ExitInfo("exit", None, f"lost track of the runtime: {exc}")
                 if self.clock() - ready_at >= self.backoff_reset_after:
@@ -565,6 +565,44 @@ class RuntimeSupervisor(Actor[_Message]):
                         await exit_task
         finally:
             self._wake()
+
+    async def _watch(self, url: str, exit_task: asyncio.Task[ExitInfo]) -> ExitInfo:
+        """Wait for the ready runtime to exit, probing its health path every RUNTIME_LIVENESS_INTERVAL: after
+        RUNTIME_LIVENESS_FAILURES probes in a row without a 2xx within RUNTIME_LIVENESS_TIMEOUT, a hung
+        runtime (alive, but answering nothing) counts as unhealthy and is restarted like a crashed one."""
+        interval = self.settings.runtime_liveness_interval
+        if interval <= 0 or self.backend.kind == "external":
+            return await exit_task  # an external runtime is only watched: there is nothing to restart
+        failures = 0
+        while True:
+            done, _ = await asyncio.wait({exit_task}, timeout=interval)
+            if done:
+                return exit_task.result()
+            if self._snapshot.state is not RuntimeState.READY:
+                failures = 0  # asleep or being put to sleep: not a liveness question
+                continue
+            if await self._alive(url):
+                failures = 0
+                continue
+            failures += 1
+            self.log.warning("runtime_liveness_failed", failures=failures,
+                             limit=self.settings.runtime_liveness_failures)
+            if failures >= self.settings.runtime_liveness_failures:
+                return ExitInfo("unhealthy", None, f"{self.flavour.health_path} gave no 2xx within "
+                                f"{self.settings.runtime_liveness_timeout:g} s {failures} times in a row "
+                                "(RUNTIME_LIVENESS_*)")
+
+    async def _alive(self, url: str) -> bool:
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = aiohttp.ClientSession()
+        try:
+            async with session.get(url + self.flavour.health_path,
+                                   timeout=aiohttp.ClientTimeout(total=self.settings.runtime_liveness_timeout)) as resp:
+                await resp.read()
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def _wait_ready(self, url: str, model: str, exit_task: asyncio.Task[ExitInfo]) -> str | None:
         """None once the runtime serves `model`; else why it never will (exited, timed out)."""
@@ -630,7 +668,7 @@ class RuntimeSupervisor(Actor[_Message]):
         directory = self.settings.failure_dir
         now = datetime.now(UTC)
         stamp = now.strftime("%Y%m%dT%H%M%SZ")
-        safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model.replace("/", "_"))
+        safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model.replace("/", "_"))[:100]  # a file name's limit
         text = (f"time: {now.isoformat()}\nmodel: {model}\nbackend: {self.backend.kind}\n"
                 f"flavour: {self.flavour.name}\nreason: {reason}\nerror: {detail}\n"
                 f"--- last {self.crash_log_lines} lines of runtime output ---\n{logs}\n")

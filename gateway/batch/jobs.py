@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import bad_request
+from gateway.policy import ModelPolicy
 from gateway.redis_codec import RawHash, text_hash
 
 PRIORITY_MIN = 0
@@ -54,6 +56,14 @@ class Submission:
     body: bytes
 
 
+_JOB_ID = re.compile(r"^job_[0-9a-f]{24,32}$")
+
+
+def is_job_id(text: str) -> bool:
+    """True when `text` has the shape of a job id; by-id routes answer 404 for anything else at once."""
+    return _JOB_ID.match(text) is not None
+
+
 def new_job_id(now: float | None = None) -> str:
     """A job id whose text order is its creation order (microseconds in fixed-width hex + randomness).
 
@@ -64,13 +74,20 @@ def new_job_id(now: float | None = None) -> str:
 
 
 def parse_submission(data: dict[str, Any], endpoint: Endpoint, *, max_metadata_items: int,
-                     model_aliases: frozenset[str] = frozenset(), realtime_model: str = "") -> Submission:
-    """Validate a batch body (the realtime body plus `priority` and `metadata`) or raise a clear 400."""
+                     model_aliases: frozenset[str] = frozenset(), realtime_model: str = "",
+                     policy: ModelPolicy | None = None) -> Submission:
+    """Validate a batch body (the realtime body plus `priority` and `metadata`) or raise a clear 400.
+
+    With a `policy`, the model must be one batch work may run and `n`/`max_tokens` are bounded.
+    """
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required: a non-empty string naming the model to run.", param="model")
     model = model.strip()
-    if model in model_aliases and realtime_model:
+    if policy is not None:
+        model = policy.batch_model(model)
+        policy.check_generation(data)
+    elif model in model_aliases and realtime_model:
         model = realtime_model
     if data.get("stream"):
         raise bad_request("Batch jobs do not stream: drop 'stream' (or set it to false) and poll the job's "

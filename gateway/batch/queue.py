@@ -528,6 +528,8 @@ class JobQueue:
             metrics.BATCH_JOBS.labels("cancelled").inc()
         else:
             outcome = f"already:{outcome}"
+        if outcome == "cancelled":
+            await self.drop_requests([job_id])
         return outcome, await self.get(job_id)
 
     def _cancel_call(self, job_id: str, key_id: str, now: str) -> redis_client.ScriptCall:
@@ -574,9 +576,11 @@ class JobQueue:
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
             results = await redis_client.run_scripts(self.redis, [self._cancel_call(j, key_id, now) for j in chunk])
-            done = sum(1 for result in results if text(result[0]) == "done")
-            cancelled += done
-            metrics.BATCH_JOBS.labels("cancelled").inc(done)
+            done = [j for j, result in zip(chunk, results, strict=True) if text(result[0]) == "done"]
+            if done:
+                await self.drop_requests(done)
+            cancelled += len(done)
+            metrics.BATCH_JOBS.labels("cancelled").inc(len(done))
         return cancelled
 
     async def requeue_failed(self, job_id: str, reason: str = "operator") -> str:
@@ -899,3 +903,36 @@ class JobQueue:
 
     def _lease_deadline(self) -> int:
         return int((time.time() + self.settings.batch_lease_seconds) * 1000)
+
+    # --- per-key caps (BATCH_KEY_MAX_JOBS)
+    async def held_jobs(self, key_id: str, *, at_least: int | None = None) -> int:
+        """How many jobs `key_id` holds (any status, until their TTL), from its index.
+
+        The index keeps ids of expired jobs until a listing prunes them, so the count can be high; when it
+        reaches `at_least`, the expired ids are pruned first and the count taken again.
+        """
+        index = self.keys.job_index(key_id)
+        count = int(await self.redis.zcard(index))
+        if at_least is None or count < at_least:
+            return count
+        start = 0
+        while True:
+            ids = texts(cast("list[bytes]", await self.redis.zrange(index, start, start + 999)))
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.exists(self.keys.job(job_id))
+            gone = [job_id for job_id, alive in zip(ids, await pipe.execute(), strict=True) if not alive]
+            if gone:
+                await self.redis.zrem(index, *gone)
+            start += len(ids) - len(gone)
+        return int(await self.redis.zcard(index))
+
+    async def drop_requests(self, job_ids: Sequence[str]) -> None:
+        """Delete the stored request bodies of cancelled jobs (never needed again; a cancelled job cannot be
+        requeued), so cancelling gives the key's stored bytes back at once rather than after the TTL."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hdel(self.keys.job(job_id), "request")
+        await pipe.execute()

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from gateway.commands.common import CliError, print_json, table
-from gateway.keys import KeysFileError, Scope, hash_token, parse_keys
+from gateway.keys import KEY_ID, KEY_ID_RULE, KeysFileError, Scope, hash_token, parse_keys
 from gateway.settings import load_settings
 
 
@@ -118,8 +118,8 @@ def keys_create(args: argparse.Namespace) -> int:
     path = _keys_path(args)
     scopes = _parse_scopes(args.scopes)
     key_id = args.id.strip()
-    if not key_id:
-        raise CliError("the key id must not be empty")
+    if not KEY_ID.match(key_id):
+        raise CliError(f"the key id must be {KEY_ID_RULE}")
     token = f"{args.prefix}{secrets.token_urlsafe(32)}"
     with _locked(path):
         data = _read_keys(path, missing_ok=True)

@@ -1,9 +1,11 @@
 """The EuroEval adapter: runs the `euroeval` command line against the gateway's own OpenAI endpoint.
 
-EuroEval talks to an OpenAI-compatible server through LiteLLM when given `--api-base` and `--api-key`;
-it writes one JSON line per (model, dataset) to `euroeval_benchmark_results.jsonl` in its working
-directory. Its stdout, stderr and this adapter's own lines go to EUROEVAL_DEBUG_LOG, each prefixed with
-the run id; the token is never written anywhere.
+EuroEval talks to an OpenAI-compatible server through LiteLLM when given `--api-base`; the token goes in
+its environment as OPENAI_API_KEY (LiteLLM's key for an OpenAI-compatible server when no `--api-key` is
+given), never in argv, where `ps` would show it. Every value is passed as `--option=value`, so one starting
+with '-' cannot be taken for an option. EuroEval writes one JSON line per (model, dataset) to
+`euroeval_benchmark_results.jsonl` in its working directory. Its stdout, stderr and this adapter's own lines
+go to EUROEVAL_DEBUG_LOG, each prefixed with the run id; the token is never written anywhere.
 """
 
 from __future__ import annotations
@@ -38,27 +40,27 @@ class EuroEvalFailed(Exception):
         self.code = code
 
 
-def build_args(command: Sequence[str], *, model: str, api_base: str, api_key: str, datasets: Sequence[str],
+API_KEY_ENV = "OPENAI_API_KEY"
+
+
+def build_args(command: Sequence[str], *, model: str, api_base: str, datasets: Sequence[str],
                tasks: Sequence[str], languages: Sequence[str], options: Mapping[str, Any],
                cache_dir: str) -> list[str]:
-    """The full EuroEval command line for one run (the token included: never log this list unredacted)."""
-    argv = [*command, "--model", model, "--api-base", api_base, "--api-key", api_key]
-    for dataset in datasets:
-        argv += ["--dataset", dataset]
-    for task in tasks:
-        argv += ["--task", task]
-    for language in languages:
-        argv += ["--language", language]
+    """The full EuroEval command line for one run (no token: that goes in the environment, see `run_euroeval`)."""
+    argv = [*command, f"--model={model}", f"--api-base={api_base}"]
+    argv += [f"--dataset={dataset}" for dataset in datasets]
+    argv += [f"--task={task}" for task in tasks]
+    argv += [f"--language={language}" for language in languages]
     if options.get("num_iterations") is not None:
-        argv += ["--num-iterations", str(options["num_iterations"])]
+        argv.append(f"--num-iterations={options['num_iterations']}")
     if options.get("few_shot") is not None:
         argv.append("--few-shot" if options["few_shot"] else "--zero-shot")
     if options.get("evaluate_test_split"):
         argv.append("--evaluate-test-split")
     if options.get("generative_type"):
-        argv += ["--generative-type", str(options["generative_type"])]
+        argv.append(f"--generative-type={options['generative_type']}")
     # No progress bars (they are carriage-return noise in a log file); a shared dataset cache.
-    argv += ["--no-progress-bar", "--cache-dir", cache_dir]
+    argv += ["--no-progress-bar", f"--cache-dir={cache_dir}"]
     return argv
 
 
@@ -161,10 +163,11 @@ async def run_euroeval(argv: Sequence[str], *, cwd: Path, debug_log: str | Path,
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=str(cwd), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", API_KEY_ENV: secret})
         except OSError as exc:
             debug.write("adapter", f"cannot start {argv[0]}: {exc}")
-            raise EuroEvalFailed(f"Cannot start EuroEval ({argv[0]}): {exc.strerror or exc}. Set "
+            # The program's name only: its path is the server's business (it is in the debug log).
+            raise EuroEvalFailed(f"Cannot start EuroEval ({Path(argv[0]).name}): {exc.strerror or exc}. Set "
                                  "EUROEVAL_COMMAND to the euroeval executable.", list(debug.tail),
                                  code="euroeval_unavailable") from None
         assert proc.stdout is not None and proc.stderr is not None

@@ -23,6 +23,7 @@ from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN
 from gateway.errors import bad_request
 from gateway.evals.euroeval import GENERATIVE_TYPES
 from gateway.evals.evalrepo import EvalRepo
+from gateway.policy import ModelPolicy
 from gateway.redis_codec import hash_fields, opt_text, text, text_hash, texts
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
@@ -93,6 +94,15 @@ class RunSpec:
                    languages=orjson.loads(run.get("languages") or "[]"))
 
 
+_RUN_ID = re.compile(r"^evalrun_[0-9a-f]{22,32}$")
+
+
+def is_run_id(text: str) -> bool:
+    """True when `text` has the shape of a run id (anything else is answered 404 without touching Redis,
+    where `<id>:lease` would name another kind of key)."""
+    return _RUN_ID.match(text) is not None
+
+
 def new_run_id(now: float | None = None) -> str:
     """A run id whose text order is its creation order (like batch job ids)."""
     micros = time.time_ns() // 1000 if now is None else round(now * 1_000_000)
@@ -155,9 +165,7 @@ async def parse_run_request(data: Mapping[str, Any], *, repo: EvalRepo, settings
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required: a non-empty string naming the model to evaluate.", param="model")
-    model = model.strip()
-    if model in settings.aliases:
-        model = settings.realtime_model
+    model = ModelPolicy.from_settings(settings).batch_model(model.strip())
     priority = data.get("priority", 0)
     if priority is None:
         priority = 0
@@ -287,7 +295,9 @@ class RunStore:
         return fields
 
     async def get(self, run_id: str) -> dict[str, str] | None:
-        """The run hash, decoded, or None."""
+        """The run hash, decoded, or None (also for a text that is no run id)."""
+        if not is_run_id(run_id):
+            return None
         raw = await self.redis.hgetall(self.keys.eval_run(run_id))
         return text_hash(raw) if raw else None
 

@@ -22,6 +22,7 @@ from gateway.http.appkeys import API_KEY, DISPATCHER, SETTINGS, SUPERVISOR
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, parse_json_object
 from gateway.keys import Scope
+from gateway.policy import ModelPolicy
 
 log = structlog.get_logger(component="admin")
 
@@ -86,9 +87,8 @@ async def swap_runtime(request: web.Request) -> web.Response:
     if not isinstance(model, str) or not model.strip() or len(model) > _MAX_MODEL_CHARS:
         raise bad_request(f"'model' is required: the model name to load (at most {_MAX_MODEL_CHARS} "
                           "characters).", param="model")
-    model = model.strip()
-    if model in settings.aliases:
-        model = settings.realtime_model
+    # The same allowlist as batch work: a swap makes the runtime load the model.
+    model = ModelPolicy.from_settings(settings).batch_model(model.strip())
     wait = _wait_param(request, 1.0)
     if not supervisor.running:
         raise _refused("swap", 503, "The runtime supervisor is not running (the gateway is stopping).",

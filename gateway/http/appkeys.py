@@ -17,6 +17,7 @@ from gateway.actors.traffic import TrafficSampler
 from gateway.actors.usage import UsageAccountant
 from gateway.batch.queue import JobQueue
 from gateway.fleet.store import FleetStore
+from gateway.http.throttle import AuthThrottle
 from gateway.keys import ApiKey, Keyring
 from gateway.openai_batches.manager import BatchManager
 from gateway.redis_keys import RedisKeys
@@ -48,6 +49,9 @@ QUEUE_DEPTH_SAMPLER = web.AppKey("queue_depth_sampler", QueueDepthSampler)
 TRAFFIC = web.AppKey("traffic_sampler", TrafficSampler)
 FLEET = web.AppKey("fleet_store", FleetStore)
 NODE_REGISTRY = web.AppKey("node_registry", NodeRegistry)
+
+# Failed-authentication counts per client address (gateway/http/throttle.py).
+AUTH_THROTTLE = web.AppKey("auth_throttle", AuthThrottle)
 
 # Per-request storage set by the middleware.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.batch.jobs import Endpoint, JobStatus, job_view, parse_submission
+from gateway.batch.jobs import Endpoint, JobStatus, is_job_id, job_view, parse_submission
 from gateway.errors import ApiError
 from gateway.http.appkeys import (
     API_KEY,
@@ -14,6 +14,7 @@ from gateway.http.appkeys import (
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, list_params, parse_json_object
 from gateway.keys import Scope
+from gateway.policy import ModelPolicy
 
 
 def _not_found(job_id: str) -> ApiError:
@@ -21,11 +22,22 @@ def _not_found(job_id: str) -> ApiError:
     return ApiError(404, f"No job with id '{job_id}'.", code="job_not_found", param="id")
 
 
+def too_many_jobs(cap: int) -> ApiError:
+    """429 for a key that already holds BATCH_KEY_MAX_JOBS jobs."""
+    return ApiError(429, f"This key already holds {cap} batch jobs (BATCH_KEY_MAX_JOBS): wait for some to finish "
+                    "and expire, or cancel some, before submitting more.", type="rate_limit_error",
+                    code="too_many_jobs")
+
+
 async def _submit(request: web.Request, endpoint: Endpoint) -> web.Response:
     settings = request.app[SETTINGS]
     data = parse_json_object(await request.read())
     submission = parse_submission(data, endpoint, max_metadata_items=settings.batch_max_metadata_items,
-                                  model_aliases=settings.aliases, realtime_model=settings.realtime_model)
+                                  policy=ModelPolicy.from_settings(settings))
+    queue = request.app[BATCH_QUEUE]
+    cap = settings.batch_key_max_jobs
+    if await queue.held_jobs(request[API_KEY].id, at_least=cap) >= cap:
+        raise too_many_jobs(cap)
     job = await request.app[BATCH_QUEUE].enqueue(request[API_KEY].id, submission)
     view = job_view(job, include_result=False)
     return json_response(view, status=202, headers={"Location": view["status_url"]})
@@ -59,6 +71,8 @@ async def submit_response(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """GET /v1/jobs/{id}: status, timings, attempts, error and (when completed) the runtime's answer."""
     job_id = request.match_info["job_id"]
+    if not is_job_id(job_id):
+        raise _not_found(job_id)
     queue = request.app[BATCH_QUEUE]
     job = await queue.get(job_id, request[API_KEY].id)
     if job is None:
@@ -85,6 +99,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """DELETE /v1/jobs/{id}: cancel a queued or running job (409 once it has finished)."""
     job_id = request.match_info["job_id"]
+    if not is_job_id(job_id):
+        raise _not_found(job_id)
     outcome, job = await request.app[BATCH_QUEUE].cancel(job_id, request[API_KEY].id)
     if outcome == "missing" or job is None:
         raise _not_found(job_id)

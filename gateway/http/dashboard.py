@@ -29,8 +29,17 @@ from gateway.errors import ApiError
 from gateway.fleet.store import fleet_view
 from gateway.http import monitor
 from gateway.http.appkeys import API_KEY, FLEET, KEYRING, SETTINGS
-from gateway.http.auth import public, requires_scope
-from gateway.http.session import COOKIE_NAME, CSRF_FIELD, LOGIN_PATH, SECRET, SESSION, make_cookie_value
+from gateway.http.auth import public, public_form, requires_scope
+from gateway.http.middleware import check_token
+from gateway.http.session import (
+    COOKIE_NAME,
+    CSRF_FIELD,
+    LOGIN_PATH,
+    SECRET,
+    SESSION,
+    make_cookie_value,
+    revocations,
+)
 from gateway.keys import Scope
 
 log = structlog.get_logger(component="dashboard")
@@ -94,9 +103,14 @@ def _json_script(data: Any) -> Markup:
     return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
+# The login form is the one unauthenticated route with a body: a token, a CSRF-free `next` and little else.
+LOGIN_MAX_BODY_BYTES = 4096
+
+
 def _safe_next(value: str | None) -> str:
     """Only redirect within the dashboard after login (no open redirect)."""
-    if value and value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value:
+    if value and value.startswith("/dashboard") and not value.startswith("//") and "\\" not in value \
+            and value.isascii() and value.isprintable() and " " not in value and len(value) <= 2048:
         return value
     return "/dashboard"
 
@@ -130,7 +144,7 @@ async def login_form(request: web.Request) -> web.Response:
                                            "error": None, "logged_out": "logged_out" in request.query})
 
 
-@public
+@public_form(LOGIN_MAX_BODY_BYTES)
 async def login(request: web.Request) -> web.StreamResponse:
     """POST /dashboard/login: trade a monitor token for a session cookie (401 and the form again if refused)."""
     form = await request.post()
@@ -140,7 +154,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         # 400, not 401: nothing was presented (a public route answers 401 only to a refused credential).
         return _render(request, "login.html", {"title": "Log in", "next": target, "logged_out": False,
                                                "error": "Enter a token with the monitor scope."}, status=400)
-    key = request.app[KEYRING].authenticate(token)
+    key = check_token(request, token)
     if key is None or not key.allows(Scope.MONITOR):
         # One message for unknown tokens and keys without the scope: the form is no oracle for which.
         log.info("dashboard_login_refused", known_key=key.id if key else None)
@@ -148,7 +162,8 @@ async def login(request: web.Request) -> web.StreamResponse:
                                                "error": "That token is not a key with the monitor scope."},
                        status=401)
     settings = request.app[SETTINGS]
-    value, _ = make_cookie_value(request.app[SECRET], key.id, settings.dashboard_session_seconds)
+    value, _ = make_cookie_value(request.app[SECRET], key.id, settings.dashboard_session_seconds,
+                                 tag=request.app[KEYRING].session_tag(key.id) or "")
     response = _see_other(target)
     # Secure only when the request itself came over HTTPS (behind a TLS proxy aiohttp needs to be told,
     # e.g. with aiohttp-remotes; see docs/dashboard.md): a Secure cookie over plain HTTP would be dropped.
@@ -160,7 +175,12 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 @requires_scope(Scope.MONITOR)
 async def logout(request: web.Request) -> web.StreamResponse:
-    """POST /dashboard/logout (CSRF token required, checked by the auth middleware): clear the cookie."""
+    """POST /dashboard/logout (CSRF token required, checked by the auth middleware): end the session
+    server-side (a bearer-authenticated logout has none to end) and clear the cookie."""
+    session = request.get(SESSION)
+    if session is not None:
+        await revocations(request.app).revoke(session)
+        log.info("dashboard_logout", key_id=session.key_id)
     response = _see_other(f"{LOGIN_PATH}?logged_out=1")
     response.del_cookie(COOKIE_NAME, path="/", httponly=True, samesite="Strict", secure=request.secure)
     return response

@@ -16,7 +16,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from gateway.batch.jobs import JobStatus, job_view
+from gateway.batch.jobs import JobStatus, is_job_id, job_view
 from gateway.errors import ApiError, bad_request
 from gateway.http.appkeys import API_KEY, BATCH_QUEUE, DISPATCHER, EVAL_RUNNER, SETTINGS, SUPERVISOR, TRAFFIC, USAGE
 from gateway.http.auth import requires_scope
@@ -167,7 +167,7 @@ def operator_job_view(job: dict[str, str], *, include_result: bool = False) -> d
 async def job_data(app: web.Application, job_id: str) -> dict[str, Any]:
     """One job of any key, with its result and its recent events (404 when missing)."""
     queue = app[BATCH_QUEUE]
-    job = await queue.get(job_id)
+    job = await queue.get(job_id) if is_job_id(job_id) else None
     if job is None:
         raise ApiError(404, f"No job with id '{job_id}'.", code="job_not_found", param="id")
     view = operator_job_view(job, include_result=True)
@@ -180,7 +180,7 @@ async def job_data(app: web.Application, job_id: str) -> dict[str, Any]:
 async def cancel_any_job(app: web.Application, job_id: str, operator: str) -> dict[str, Any]:
     """Cancel a queued or running job of whichever key owns it (the queue's own cancel, as that key)."""
     queue = app[BATCH_QUEUE]
-    job = await queue.get(job_id)
+    job = await queue.get(job_id) if is_job_id(job_id) else None
     if job is None:
         raise ApiError(404, f"No job with id '{job_id}'.", code="job_not_found", param="id")
     outcome, after = await queue.cancel(job_id, job.get("key_id", ""))

@@ -23,14 +23,15 @@ _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 _LIST = {"type": "object", "required": ["object", "data"],
          "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}}
 # Statuses any authenticated route may answer with, besides its own: bad input, auth, unknown id,
-# method, body limit, and a dependency (Redis, the runtime) that is down right now.
-_COMMON_ERRORS = (400, 401, 404, 405, 408, 413, 503)
+# method, body limit, the failed-auth throttle, and a dependency (Redis, the runtime) that is down right now.
+_COMMON_ERRORS = (400, 401, 404, 405, 408, 413, 429, 503)
 _TEXT = {
     400: "Bad request (the message names the parameter)", 401: "Missing or invalid API key, or missing scope",
     403: "Forbidden", 404: "Not found", 405: "Method not allowed", 408: "Body too slow (CLIENT_BODY_TIMEOUT)",
     409: "Conflict with the current state",
     410: "Gone (upload expired)", 412: "Tus-Resumable version not supported",
-    413: "Body larger than the limit", 415: "Unsupported media type", 422: "Unprocessable",
+    413: "Body larger than the limit (public routes take none)", 415: "Unsupported media type",
+    422: "Unprocessable", 429: "Too many requests (failed-auth throttle, a per-key cap)",
     423: "Locked (another request is writing this upload)", 460: "Checksum mismatch",
     502: "The runtime broke the connection", 503: "A dependency is unavailable (Retry-After may say when)",
     504: "The runtime did not answer in time", 507: "Insufficient storage",
@@ -60,7 +61,7 @@ def _op(summary: str, scope: str | None, ok: dict[int, Any], *, errors: tuple[in
         elif content is not None:
             entry["content"] = _json(content)
         responses[str(status)] = entry
-    codes = sorted(set((*(_COMMON_ERRORS if scope else (404, 405)), *errors)))
+    codes = sorted(set((*(_COMMON_ERRORS if scope else (404, 405, 413)), *errors)))
     for status in codes:
         responses.setdefault(str(status), {"description": _TEXT.get(status, "Error"), "content": _json(_ERROR_REF)})
     operation: Schema = {"summary": summary, "tags": [tag] if tag else [], "responses": responses,
@@ -301,7 +302,7 @@ def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
         "/dashboard/login": {
             "get": _op("Login form", None, {200: "html"}, tag="dashboard"),
             "post": _op("Log in with a monitor token (form)", None, {303: "empty", 400: "html", 401: "html"},
-                        errors=(403, 415), tag="dashboard", body={"required": True, "content": {
+                        errors=(403, 415, 429), tag="dashboard", body={"required": True, "content": {
                             "application/x-www-form-urlencoded": {"schema": _obj("token", token={"type": "string"},
                                                                                  csrf={"type": "string"})}}})},
         "/dashboard/logout": {"post": _op("Log out", "monitor", {303: "empty"}, errors=(403,), tag="dashboard")},

@@ -39,6 +39,7 @@ from gateway.http.appkeys import (
 from gateway.http.auth import reads_models, requires_scope
 from gateway.http.errors import error_body, parse_json_object
 from gateway.keys import Scope
+from gateway.policy import check_generation, shown
 from gateway.settings import Settings
 from gateway.tokens import response_tokens
 from gateway.upstream import Exchange, UpstreamError
@@ -119,7 +120,7 @@ def _served_model(model: str, settings: Settings) -> bool:
         return False
     if model not in settings.aliases:
         served = ", ".join([settings.realtime_model, *sorted(settings.aliases)])
-        raise ApiError(404, f"The model '{model}' is not served here; use one of: {served}.",
+        raise ApiError(404, f"The model {shown(model)} is not served here; use one of: {served}.",
                        code="model_not_found", param="model")
     return True
 
@@ -194,6 +195,7 @@ def validate_request(data: dict[str, Any], *, chat: bool, settings: Settings) ->
                               param="prompt")
     for name in ("max_tokens", "max_completion_tokens", "n"):
         _check_int(data, name, 1)
+    check_generation(data, settings.request_max_n, settings.request_max_tokens)
     stream = data.get("stream", False)
     if stream is None:
         stream = False

@@ -1,10 +1,12 @@
 """Dashboard sessions: a signed cookie naming a monitor key, and the CSRF token bound to it.
 
 A browser cannot send a bearer header, so the login form trades a monitor token for a cookie. The cookie
-carries only the key id, an expiry and a random nonce (never the token), signed with HMAC-SHA256 under
-DASHBOARD_SECRET (or a random per-process secret). Nothing is stored server-side: a session is valid while
-its signature checks, it has not expired, and its key still exists with the monitor scope (so revoking
-the key and reloading the keys file ends its sessions at once).
+carries the key id, a tag of the key's token (a digest of its sha256, never the token), an expiry and a
+random nonce, signed with HMAC-SHA256 under DASHBOARD_SECRET (or a random per-process secret). A session
+is valid while its signature checks, it has not expired, its key still exists with the monitor scope and
+the same token (so revoking the key, rotating its token or recreating it under the same id, then reloading
+the keys file, ends its sessions at once), and it was not logged out: logout stores the nonce in Redis
+until the cookie would have expired (the only server-side state).
 
 The CSRF token is HMAC(secret, "csrf:" + nonce): every state-changing request made with the cookie must
 echo it (form field `csrf_token` or header `X-CSRF-Token`). The cookie is also SameSite=Strict, so other
@@ -23,10 +25,12 @@ from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
+from redis.asyncio import Redis
 
 from gateway.errors import ApiError
-from gateway.http.appkeys import KEYRING
+from gateway.http.appkeys import KEYRING, REDIS, REDIS_KEYS
 from gateway.keys import ApiKey, Scope
+from gateway.redis_keys import RedisKeys
 
 COOKIE_NAME = "llm_gateway_session"
 LOGIN_PATH = "/dashboard/login"
@@ -44,6 +48,7 @@ class Session:
     expires: int
     nonce: str
     csrf: str
+    tag: str = ""
 
 
 SESSION = web.RequestKey("dashboard_session", Session)
@@ -67,13 +72,14 @@ def csrf_for(secret: bytes, nonce: str) -> str:
     return _sign(secret, b"csrf:" + nonce.encode())
 
 
-def make_cookie_value(secret: bytes, key_id: str, lifetime: float, now: float | None = None) -> tuple[str, Session]:
-    """A new signed cookie value for `key_id`, and the session it stands for."""
+def make_cookie_value(secret: bytes, key_id: str, lifetime: float, now: float | None = None, *,
+                      tag: str = "") -> tuple[str, Session]:
+    """A new signed cookie value for `key_id` (whose token has session tag `tag`), and its session."""
     expires = int((time.time() if now is None else now) + lifetime)
     nonce = secrets.token_urlsafe(16)
-    payload = _b64(orjson.dumps({"k": key_id, "e": expires, "n": nonce}))
+    payload = _b64(orjson.dumps({"k": key_id, "e": expires, "n": nonce, "t": tag}))
     value = f"{payload}.{_sign(secret, payload.encode())}"
-    return value, Session(key_id, expires, nonce, csrf_for(secret, nonce))
+    return value, Session(key_id, expires, nonce, csrf_for(secret, nonce), tag)
 
 
 def verify_cookie_value(secret: bytes, value: str, now: float | None = None) -> Session | None:
@@ -83,17 +89,41 @@ def verify_cookie_value(secret: bytes, value: str, now: float | None = None) -> 
         return None
     try:
         data = orjson.loads(_unb64(payload))
-        key_id, expires, nonce = data["k"], data["e"], data["n"]
-    except (ValueError, KeyError, TypeError):
+        key_id, expires, nonce, tag = data["k"], data["e"], data["n"], data.get("t", "")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not (isinstance(key_id, str) and isinstance(expires, int) and isinstance(nonce, str)):
+    if not (isinstance(key_id, str) and isinstance(expires, int) and isinstance(nonce, str)
+            and isinstance(tag, str)):
         return None
     if expires <= (time.time() if now is None else now):
         return None
-    return Session(key_id, expires, nonce, csrf_for(secret, nonce))
+    return Session(key_id, expires, nonce, csrf_for(secret, nonce), tag)
 
 
-def session_key(request: web.Request) -> ApiKey | None:
+class SessionRevocations:
+    """The one piece of server-side session state: nonces of logged-out sessions, each kept (a Redis string
+    with a TTL) only until its cookie would have expired anyway."""
+
+    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def revoke(self, session: Session, now: float | None = None) -> None:
+        """End `session` server-side, whatever the browser does with its cookie."""
+        ttl = max(1, int(session.expires - (time.time() if now is None else now)) + 1)
+        await self.redis.set(self.keys.dashboard_session_revoked(session.nonce), b"1", ex=ttl)
+
+    async def revoked(self, session: Session) -> bool:
+        """True when `session` was logged out."""
+        return bool(await self.redis.exists(self.keys.dashboard_session_revoked(session.nonce)))
+
+
+def revocations(app: web.Application) -> SessionRevocations:
+    """The revocation store on the app's Redis (a thin view: nothing to start or stop)."""
+    return SessionRevocations(app[REDIS], app[REDIS_KEYS])
+
+
+async def session_key(request: web.Request) -> ApiKey | None:
     """The monitor key a valid session cookie names (recording the session on the request), else None."""
     secret = request.app.get(SECRET)
     value = request.cookies.get(COOKIE_NAME)
@@ -102,8 +132,14 @@ def session_key(request: web.Request) -> ApiKey | None:
     session = verify_cookie_value(secret, value)
     if session is None:
         return None
-    key = request.app[KEYRING].by_id(session.key_id)
+    keyring = request.app[KEYRING]
+    key = keyring.by_id(session.key_id)
     if key is None or not key.allows(Scope.MONITOR):
+        return None
+    tag = keyring.session_tag(key.id) or ""
+    if not tag or not hmac.compare_digest(tag.encode(), session.tag.encode()):
+        return None  # made with another token than the key's current one
+    if await revocations(request.app).revoked(session):
         return None
     request[SESSION] = session
     return key

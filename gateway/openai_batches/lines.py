@@ -13,6 +13,7 @@ import orjson
 
 from gateway.batch.jobs import Endpoint, Submission, parse_submission
 from gateway.errors import ApiError
+from gateway.policy import ModelPolicy
 
 READ_SIZE = 256 * 1024
 CUSTOM_ID_MAX = 512
@@ -136,6 +137,7 @@ class LineRules:
     max_metadata_items: int
     model_aliases: frozenset[str]
     realtime_model: str
+    policy: ModelPolicy | None = None
 
 
 def check_line(raw: RawLine, rules: LineRules, seen: set[str], max_line_bytes: int) -> GoodLine | LineError:
@@ -175,7 +177,8 @@ def check_line(raw: RawLine, rules: LineRules, seen: set[str], max_line_bytes: i
     body = {k: v for k, v in body.items() if k not in ("priority", "metadata")}
     try:
         parsed = parse_submission(body, rules.endpoint, max_metadata_items=rules.max_metadata_items,
-                                  model_aliases=rules.model_aliases, realtime_model=rules.realtime_model)
+                                  model_aliases=rules.model_aliases, realtime_model=rules.realtime_model,
+                                  policy=rules.policy)
     except ApiError as exc:
         param = f"body.{exc.param}" if exc.param else "body"
         return LineError(n, custom_id, "invalid_body", f"Line {n}: {exc.message}", param=param)

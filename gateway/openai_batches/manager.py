@@ -40,6 +40,7 @@ from gateway.batch.queue import JobEvent, JobQueue, instance_id
 from gateway.openai_batches.files import PURPOSE_OUTPUT, file_id, make_metadata, purpose_of, upload_id_of
 from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine, check_line, read_lines
 from gateway.openai_batches.records import BatchRecords, BatchStatus
+from gateway.policy import ModelPolicy
 from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.redis_codec import as_bytes, opt_text, text, texts
 from gateway.redis_keys import RedisKeys
@@ -326,7 +327,8 @@ class BatchManager(Actor[_Drive | _Rescan]):
     def _rules(self, batch: dict[str, str]) -> LineRules:
         return LineRules(endpoint=Endpoint(batch["endpoint"]), priority=int(batch.get("priority") or 0),
                          batch_id=batch["id"], max_metadata_items=self.settings.batch_max_metadata_items,
-                         model_aliases=self.settings.aliases, realtime_model=self.settings.realtime_model)
+                         model_aliases=self.settings.aliases, realtime_model=self.settings.realtime_model,
+                         policy=ModelPolicy.from_settings(self.settings))
 
     async def _input_lines(self, batch: dict[str, str]) -> AsyncIterator[RawLine]:
         upload_id = upload_id_of(batch["input_file_id"]) or ""
@@ -370,6 +372,12 @@ class BatchManager(Actor[_Drive | _Rescan]):
                     details.append(checked)
         if lines == 0:
             raise BatchFileError("empty_file", "The input file has no requests: it is empty or only blank lines.")
+        cap = self.settings.batch_key_max_jobs
+        held = await self.queue.held_jobs(batch["key_id"], at_least=max(0, cap - good))
+        if held + good > cap:
+            raise BatchFileError("too_many_jobs", f"The batch's {good} requests would take key "
+                                 f"'{batch['key_id']}' past {cap} held jobs (BATCH_KEY_MAX_JOBS; it holds {held}): "
+                                 "wait for earlier jobs to finish and expire, or cancel some.")
         if objects == 0:
             raise BatchFileError("invalid_file_format", "The input file is not JSONL: none of its lines is a JSON "
                                  "object. Each line must be {\"custom_id\", \"method\", \"url\", \"body\"}.", details)

@@ -8,6 +8,7 @@ overwrite each other's transition.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ class BatchStatus(StrEnum):
         return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
 
 
+_BATCH_ID = re.compile(r"^batch_[0-9a-f]{24,32}$")
+
+
 def new_batch_id(now: float | None = None) -> str:
     """A batch id whose text order is its creation order (like job ids), for cursor pagination."""
     micros = time.time_ns() // 1000 if now is None else round(now * 1_000_000)
@@ -141,7 +145,10 @@ class BatchRecords:
         await pipe.execute()
 
     async def get(self, batch_id: str, key_id: str | None = None) -> dict[str, str] | None:
-        """The decoded batch hash, or None (also for another key's batch when key_id is given)."""
+        """The decoded batch hash, or None (also for another key's batch when key_id is given, and for a
+        text that is no batch id)."""
+        if not _BATCH_ID.match(batch_id):
+            return None
         raw = await self.redis.hgetall(self.keys.openai_batch(batch_id))
         if not raw:
             return None
