@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test test-fast lint typecheck test-vllm images docker browser js bench bench-coserve clean
+.PHONY: run test test-fast lint typecheck test-vllm images docker browser js haproxy bench bench-coserve clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ run: $(VENV)/.installed
 	$(PY) -m gateway serve
 
 ## Install test dependencies, start Docker if needed, build the test images offline, lint, run every test
-test: $(VENV)/.installed lint docker images browser js
+test: $(VENV)/.installed lint docker images browser js haproxy
 	$(PY) -m pytest
 
 ## The lint gate (configuration in pyproject.toml): ruff on the service and the scripts. `make typecheck` runs
@@ -47,6 +47,10 @@ browser:
 		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+## Debian's HAProxy for the load-balancer test (config/haproxy.cfg in front of three gateways)
+haproxy:
+	@scripts/ensure-haproxy.sh
 
 ## The real tus-js-client for the upload tests: node and npm from Debian if missing, then the pinned client
 ## from tests/js/package-lock.json (npm ci: exactly the locked versions)
