@@ -317,17 +317,22 @@ def report(one: RunResult, fleet: RunResult, killed: RunResult, args: argparse.N
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--other-jobs", type=int, default=200, help="jobs for the second model among --jobs")
+    parser.add_argument("--other-jobs", type=int, default=None,
+                        help="jobs for the second model among --jobs (default: a tenth of them)")
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--slots", type=int, default=8, help="MAX_CONCURRENT_BATCH of every node")
+    parser.add_argument("--slots", type=int, default=2,
+                        help="MAX_CONCURRENT_BATCH of every node (default 2: three nodes of 8 slots at 100 ms "
+                        "need more CPU than a shared 2-core machine has)")
     parser.add_argument("--request-seconds", type=float, default=0.1, help="the simulator's time per request")
     parser.add_argument("--lease-seconds", type=float, default=Settings.model_fields["batch_lease_seconds"].default,
                         help="BATCH_LEASE_SECONDS (default: the gateway's)")
     parser.add_argument("--timeout", type=float, default=600, help="give up a run after this many seconds")
-    parser.add_argument("--quick", action="store_true", help="500 jobs, 50 for the second model")
+    parser.add_argument("--quick", action="store_true", help="500 jobs (about 1.5 minutes)")
     args = parser.parse_args()
     if args.quick:
-        args.jobs, args.other_jobs = 500, 50
+        args.jobs = 500
+    if args.other_jobs is None:
+        args.other_jobs = args.jobs // 10
     if not 0 <= args.other_jobs <= args.jobs or args.nodes < 2:
         parser.error("need 0 <= --other-jobs <= --jobs and --nodes >= 2")
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp_name:
