@@ -282,9 +282,11 @@ def takeover(events: list[dict[str, str]], pid: int, killed_at: float) -> tuple[
         elif e.get("event") in TERMINAL:
             # Written by the victim in the instant between the clock reading and the signal.
             victims.discard(job_id)
+    if not victims:
+        raise RuntimeError("the killed node held no job at the kill: the take-over time would mean nothing")
     if len(resumed) < len(victims):
         raise RuntimeError(f"{len(victims) - len(resumed)} of the dead node's jobs were never started again")
-    return (max(resumed.values()) if resumed else 0.0), len(victims)
+    return max(resumed.values()), len(victims)
 
 
 def print_run(r: RunResult) -> None:
