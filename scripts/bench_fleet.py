@@ -34,7 +34,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aredis
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import delete_prefix, free_port, wait_up  # noqa: E402
 
 from gateway.batch.jobs import Endpoint, parse_submission  # noqa: E402
-from gateway.batch.queue import JobEvent, JobQueue  # noqa: E402
+from gateway.batch.queue import JobQueue  # noqa: E402
 from gateway.redis_keys import RedisKeys  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
@@ -169,8 +169,7 @@ async def run(n_nodes: int, args: argparse.Namespace, tmp: Path, keys: Path, *, 
             nonlocal last
             while not stop.is_set():
                 try:
-                    # (cast: JobQueue has a method named `list`, which mypy reads into its annotations)
-                    batch = cast("list[JobEvent]", await queue.read_events(last, 2000, 200))
+                    batch = await queue.read_events(last, 2000, 200)
                 except RedisError as exc:  # the shared Redis dropped the connection: reconnect, go on
                     print(f"event stream: {exc!r}; reading on", file=sys.stderr)
                     await asyncio.sleep(0.2)
