@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test test-fast lint typecheck test-vllm images docker browser js bench bench-coserve clean
+.PHONY: run test test-fast lint typecheck test-vllm images docker browser js haproxy bench bench-coserve bench-fleet clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ run: $(VENV)/.installed
 	LISTEN_HOST=$${LISTEN_HOST:-127.0.0.1} $(PY) -m gateway serve
 
 ## Install test dependencies, start Docker if needed, build the test images offline, lint, run every test
-test: $(VENV)/.installed lint docker images browser js
+test: $(VENV)/.installed lint docker images browser js haproxy
 	$(PY) -m pytest
 
 ## The lint gate (configuration in pyproject.toml): ruff on the service, the scripts and the tests, and
@@ -48,6 +48,10 @@ browser:
 		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+## Debian's HAProxy for the load-balancer test (config/haproxy.cfg in front of three gateways)
+haproxy:
+	@scripts/ensure-haproxy.sh
 
 ## The real tus-js-client for the upload tests: node and npm from Debian if missing, then the pinned client
 ## from tests/js/package-lock.json (npm ci: exactly the locked versions)
@@ -77,6 +81,12 @@ bench: $(VENV)/.installed
 ## profile), policy against policy; ARGS=--quick (under 3 minutes), ARGS=--virtual (simulated time)
 bench-coserve: $(VENV)/.installed
 	$(PY) scripts/bench_coserve.py $(ARGS)
+
+## Fleet: 3 gateways on one Redis sharing 2,000 jobs (a tenth for a second model), simulator at 100 ms per
+## request: exactly-once, swaps against the minimum, realtime availability, take-over after kill -9, and
+## 3-node against 1-node throughput (about 5 minutes; ARGS=--quick for 500 jobs)
+bench-fleet: $(VENV)/.installed
+	$(PY) scripts/bench_fleet.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache $(JS_DIR)/node_modules
