@@ -16,7 +16,7 @@ import redis.asyncio as redis_async
 from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
-from gateway.http.appkeys import ACCOUNTANT, SETTINGS
+from gateway.http.appkeys import ACCOUNTANT, REDIS_KEYS, SETTINGS
 from gateway.http.realtime import ENDPOINTS
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, TOKENS, auth, eventually, wait_ready
 
@@ -58,7 +58,7 @@ async def usage_of(gateway: Any, role: str = "realtime") -> dict[str, str]:
     await eventually(lambda: accountant.buffered == 0)
     r = redis_async.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
-        return await r.hgetall(f"{gateway.app[SETTINGS].redis_prefix}key_usage:{KEY_IDS[role]}")
+        return await r.hgetall(gateway.app[REDIS_KEYS].key_usage(KEY_IDS[role]))
     finally:
         await r.aclose()
 
