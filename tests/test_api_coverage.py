@@ -16,7 +16,7 @@ import redis.asyncio as redis_async
 from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
-from gateway.http.appkeys import ACCOUNTANT, REDIS_KEYS, SETTINGS
+from gateway.http.appkeys import ACCOUNTANT, REDIS_KEYS
 from gateway.http.realtime import ENDPOINTS
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, TOKENS, auth, eventually, wait_ready
 
