@@ -13,8 +13,8 @@ import math
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.redis_codec import text_hash
 from gateway.redis_keys import RedisKeys
 
@@ -41,7 +41,7 @@ class StartTimeStore:
         """Every recorded start time; empty when Redis cannot be read in time."""
         try:
             raw = await asyncio.wait_for(self.redis.hgetall(self.key), self.timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_OR_OS_ERRORS as exc:  # TimeoutError is an OSError
             log.warning("start_times_unreadable", error=str(exc))
             return {}
         known: dict[str, float] = {}
@@ -64,5 +64,5 @@ class StartTimeStore:
                 if not await self.redis.hexists(self.key, model) and await self.redis.hlen(self.key) >= self.max_models:
                     return
                 await self.redis.hset(self.key, model, f"{seconds:.3f}")
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_OR_OS_ERRORS as exc:  # TimeoutError is an OSError
             log.warning("start_time_not_recorded", model=model[:200], error=str(exc))

@@ -130,7 +130,10 @@ async def test_models_retrieve_with_a_slash_and_an_alias(aiohttp_client: Any, ma
     with pytest.raises(openai.NotFoundError) as caught:
         await api.models.retrieve("someone/else")
     assert caught.value.code == "model_not_found" and REALTIME_MODEL in caught.value.message
+    # Batch and eval keys may read the model cards (read only), as they may list the models.
     resp = await client.get("/v1/models/" + REALTIME_MODEL, headers=auth("batch"))
+    assert resp.status == 200 and (await resp.json())["id"] == REALTIME_MODEL
+    resp = await client.get("/v1/models/" + REALTIME_MODEL, headers=auth("upload"))
     assert resp.status == 401
 
 

@@ -26,7 +26,7 @@ from gateway import metrics
 from gateway.bootstrap import create_app
 from gateway.fleet.store import FleetStore
 from gateway.http.appkeys import BATCH_MANAGER, DISPATCHER, NODE_REGISTRY
-from gateway.openai_batches.records import BatchRecords
+from gateway.openai_batches.records import BatchRecords, new_batch_id
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, eventually, wait_ready
@@ -360,17 +360,18 @@ async def test_batch_owner_taken_over_after_a_node_dies(fleet: Any, make_setting
 async def test_a_lost_owner_writes_nothing(redis: aredis.Redis, redis_prefix: str) -> None:
     """The fence: once another manager holds the lease, the old owner's status changes are refused."""
     records = BatchRecords(redis, RedisKeys(redis_prefix), 3600)
-    await records.create({"id": "batch_fence", "key_id": "k", "status": "in_progress"})
-    assert await records.take_owner("batch_fence", "old", 0.2) == "ok"
-    assert await records.take_owner("batch_fence", "new", 5) == "taken"
+    fence_id = new_batch_id()  # a well-formed id: the store answers nothing for any other
+    await records.create({"id": fence_id, "key_id": "k", "status": "in_progress"})
+    assert await records.take_owner(fence_id, "old", 0.2) == "ok"
+    assert await records.take_owner(fence_id, "new", 5) == "taken"
     await asyncio.sleep(0.3)
-    assert await records.take_owner("batch_fence", "new", 5) == "ok"
+    assert await records.take_owner(fence_id, "new", 5) == "ok"
     from gateway.openai_batches.records import BatchStatus
 
-    assert await records.transition_owned("batch_fence", "old", (BatchStatus.IN_PROGRESS,),
+    assert await records.transition_owned(fence_id, "old", (BatchStatus.IN_PROGRESS,),
                                           {"status": "completed"}) == "not_owner"
-    assert (await records.get("batch_fence") or {})["status"] == "in_progress"
-    assert await records.transition_owned("batch_fence", "new", (BatchStatus.IN_PROGRESS,),
+    assert (await records.get(fence_id) or {})["status"] == "in_progress"
+    assert await records.transition_owned(fence_id, "new", (BatchStatus.IN_PROGRESS,),
                                           {"status": "finalizing"}) == "ok"
 
 

@@ -13,8 +13,6 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
 from gateway import __version__, metrics
 from gateway.activity import RealtimeActivity
 from gateway.actors.base import Service
@@ -22,6 +20,7 @@ from gateway.actors.supervisor import RuntimeState, RuntimeSupervisor
 from gateway.batch.queue import instance_id
 from gateway.fleet.shared_dir import check_upload_dir
 from gateway.fleet.store import FleetStore
+from gateway.redis_client import REDIS_OR_OS_ERRORS
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ class NodeRegistry(Service):
 
     async def start(self) -> None:
         """Check UPLOAD_DIR and write the first entry before requests arrive, then keep it fresh."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_OR_OS_ERRORS):
             await self._check_upload_dir()
             await self._beat()
         await super().start()
@@ -66,7 +65,7 @@ class NodeRegistry(Service):
                     await self._check_upload_dir()
                 await self._beat()
                 metrics.FLEET_NODES.set(await self.store.node_count())
-            except (RedisError, OSError) as exc:  # the entry expires meanwhile; the next beat writes it again
+            except REDIS_OR_OS_ERRORS as exc:  # the entry expires meanwhile; the next beat writes it again
                 self.log.warning("node_heartbeat_failed", error=str(exc))
             if await self.pause(self.settings.fleet_heartbeat_seconds):
                 return
@@ -75,7 +74,7 @@ class NodeRegistry(Service):
         """Leave the registry at once rather than after the TTL."""
         try:
             await self.store.remove(self.node_id)
-        except (RedisError, OSError) as exc:
+        except REDIS_OR_OS_ERRORS as exc:
             self.log.warning("node_deregister_failed", error=str(exc))
 
     async def _beat(self) -> None:
@@ -90,7 +89,7 @@ class NodeRegistry(Service):
         """Check UPLOAD_DIR now if it was not yet (at most every 5 s); a Redis failure leaves it None."""
         if self.uploads_shared is None and time.monotonic() - self._last_check >= 5.0:
             self._last_check = time.monotonic()
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_OR_OS_ERRORS):
                 await self._check_upload_dir()
 
     async def _check_upload_dir(self) -> None:
