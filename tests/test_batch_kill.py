@@ -30,17 +30,37 @@ def kill_sim() -> Iterator[str]:
 async def test_kill_9_mid_queue_loses_nothing_and_completes_nothing_twice(
         tmp_path: Path, kill_sim: str, redis_prefix: str, keys_file: Path) -> None:
     env = gateway_env(tmp_path, redis_prefix, keys_file, kill_sim, MAX_CONCURRENT_BATCH="8", BATCH_LEASE_SECONDS="1")
-    victim, victim_url, _ = start_gateway(tmp_path, "victim", env)
+    victim, _, _ = start_gateway(tmp_path, "victim", env)
     survivor, survivor_url, _ = start_gateway(tmp_path, "survivor", env)
     r = aredis.Redis.from_url(REDIS_URL)
     stream = f"{redis_prefix}{{batch}}:job_events"
     try:
         headers = {"Authorization": f"Bearer {TOKENS['batch']}"}
         ids: list[str] = []
+        seen = {"last": "-", "completed": 0}
+
+        async def completed_count() -> int:
+            # Incremental read of the stream, as an outside consumer would follow it.
+            start = seen["last"] if seen["last"] == "-" else "(" + seen["last"]
+            for entry_id, e in await r.xrange(stream, min=start, count=5000):
+                seen["last"] = entry_id.decode()
+                seen["completed"] += e[b"event"] == b"completed"
+            return seen["completed"]
+
+        async def kill_mid_work() -> None:
+            # Kill the victim in the middle of the work, while it holds leases: both gateways work the
+            # shared queue while it is being filled, so the watch starts with the first submission.
+            for _ in range(1200):
+                if await completed_count() >= JOBS // 4:
+                    break
+                await asyncio.sleep(0.05)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+
         async with aiohttp.ClientSession(headers=headers) as http:
             async def enqueue(i: int) -> None:
-                base = victim_url if i % 2 else survivor_url
-                async with http.post(base + "/v1/batch/completions",
+                # Through the survivor: the victim claims from the same queue and dies mid-way.
+                async with http.post(survivor_url + "/v1/batch/completions",
                                      json={"model": REALTIME_MODEL, "prompt": f"job {i}", "max_tokens": 2,
                                            "priority": i % 10}) as resp:
                     assert resp.status == 202, await resp.text()
@@ -52,26 +72,11 @@ async def test_kill_9_mid_queue_loses_nothing_and_completes_nothing_twice(
                 async with sem:
                     await enqueue(i)
 
+            killer = asyncio.create_task(kill_mid_work())
             await asyncio.gather(*(bounded(i) for i in range(JOBS)))
+            await killer
         assert len(set(ids)) == JOBS
 
-        seen = {"last": "-", "completed": 0}
-
-        async def completed_count() -> int:
-            # Incremental read of the stream, as an outside consumer would follow it.
-            start = seen["last"] if seen["last"] == "-" else "(" + seen["last"]
-            for entry_id, e in await r.xrange(stream, min=start, count=5000):
-                seen["last"] = entry_id.decode()
-                seen["completed"] += e[b"event"] == b"completed"
-            return seen["completed"]
-
-        # Kill the victim in the middle of the work, while it holds leases.
-        for _ in range(600):
-            if await completed_count() >= JOBS // 4:
-                break
-            await asyncio.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
         killed_at = await completed_count()
         assert killed_at < JOBS, "the work finished before the kill; the test proves nothing"
 
