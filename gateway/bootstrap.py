@@ -214,7 +214,7 @@ def create_app(settings: Settings) -> web.Application:
     # Feature components, after the resources they use (and so stopped before them):
     if settings.batch_dispatcher_enabled:
         ctx.append(actor_ctx(DISPATCHER, lambda a: BatchDispatcher(
-            settings, a[BATCH_QUEUE], a[SUPERVISOR], a[ACTIVITY], a[UPSTREAM], a[ACCOUNTANT]), _shutdown_timeout))
+            settings, a[BATCH_QUEUE], a[SUPERVISOR], a[ACTIVITY], a[ACCOUNTANT]), _shutdown_timeout))
     # One follower of the job event stream for every component that waits for job outcomes (below).
     ctx.append(actor_ctx(JOB_FEED, lambda a: JobEventFeed(a[BATCH_QUEUE]), 5))
     # The EvalRunner submits through the batch queue.

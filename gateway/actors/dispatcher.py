@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 from redis.exceptions import RedisError
 
@@ -36,9 +35,12 @@ from gateway.batch.coserve import (
 from gateway.batch.jobs import PRIORITY_MAX, JobStatus
 from gateway.batch.queue import HeldJob, JobQueue, instance_id
 from gateway.settings import RuntimeBackend, Settings
+from gateway.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
     from gateway.actors.usage import UsageAccountant
+
+_JSON = {"Content-Type": "application/json"}
 
 # Runtime answers that are worth another attempt (the rest of 4xx fail at once).
 _TRANSIENT_4XX = frozenset({408, 429})
@@ -80,14 +82,18 @@ class BatchDispatcher(Actor):
     name = "batch_dispatcher"
 
     def __init__(self, settings: Settings, queue: JobQueue, supervisor: RuntimeSupervisor,
-                 activity: RealtimeActivity, upstream: aiohttp.ClientSession,
-                 accountant: UsageAccountant | None = None) -> None:
+                 activity: RealtimeActivity, accountant: UsageAccountant | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.queue = queue
         self.supervisor = supervisor
         self.activity = activity
-        self.upstream = upstream
+        # The batch path's own client: the lean one of the realtime path (gateway/upstream.py), one keep-alive
+        # connection per slot kept between jobs, a couple more for the runtime's /metrics.
+        self.upstream = UpstreamPool(limit=settings.max_concurrent_batch + 4,
+                                     connect_timeout=settings.upstream_connect_timeout,
+                                     read_timeout=settings.batch_request_timeout,
+                                     max_idle=settings.max_concurrent_batch + 4)
         self.accountant = accountant
         self.owner = instance_id()
         self.slots = settings.max_concurrent_batch
@@ -146,7 +152,8 @@ class BatchDispatcher(Actor):
         await super().stop(timeout)
 
     async def on_stop(self) -> None:
-        """Stop a batch runtime started beside a sleeping realtime one (sleep mode)."""
+        """Stop a batch runtime started beside a sleeping realtime one (sleep mode); close the connections."""
+        self.upstream.close()
         if self._batch_runtime is not None:
             runtime, self._batch_runtime = self._batch_runtime, None
             await runtime.stop(timeout=self.settings.runtime_stop_timeout + 15)
@@ -610,23 +617,23 @@ class BatchDispatcher(Actor):
         snap = await self._runtime_for(job.model)
         while True:
             before = snap
-            url = (snap.base_url or "").rstrip("/").removesuffix("/v1") + endpoint
             started = time.monotonic()
             status: int | None = None
             payload = b""
             failure = ""
             try:
-                async with self.upstream.post(url, data=body, headers={"Content-Type": "application/json"},
-                                              timeout=aiohttp.ClientTimeout(total=settings.batch_request_timeout)
-                                              ) as resp:
-                    status = resp.status
-                    payload = await resp.read()
-            except TimeoutError:
-                failure = f"the runtime did not answer within {settings.batch_request_timeout:g} s"
-                kind = "timeout"
-            except (aiohttp.ClientError, OSError) as exc:
-                failure = f"connection to the runtime failed: {type(exc).__name__}: {exc}"
-                kind = "connection_error"
+                # Cancelling this task (a cancel, a swap, co-serving) closes the connection, which makes the
+                # runtime abort the request.
+                exchange = await self.upstream.request(snap.base_url or "", endpoint, body, _JSON, until="body")
+                status = exchange.status
+                payload = await exchange.read()
+            except UpstreamError as exc:
+                if exc.kind == "timeout":
+                    failure = f"the runtime did not answer within {settings.batch_request_timeout:g} s"
+                    kind = "timeout"
+                else:
+                    failure = f"connection to the runtime failed: {exc}"
+                    kind = "connection_error"
             elapsed = time.monotonic() - started
             if status == 200:
                 metrics.BATCH_ATTEMPT_SECONDS.labels("ok").observe(elapsed)
@@ -832,13 +839,14 @@ class BatchDispatcher(Actor):
 
     async def _runtime_load(self, snap: RuntimeSnapshot) -> RuntimeLoad:
         """The runtime's waiting/running/KV gauges; empty when its /metrics cannot be read right now."""
-        url = (snap.base_url or "").rstrip("/").removesuffix("/v1") + self.supervisor.flavour.metrics_path
         try:
-            async with self.upstream.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
-                if resp.status != 200:
+            async with asyncio.timeout(1.0):
+                exchange = await self.upstream.request(snap.base_url or "", self.supervisor.flavour.metrics_path,
+                                                       b"", {}, until="body", method=b"GET")
+                if exchange.status != 200:
                     return RuntimeLoad()
-                return parse_runtime_load((await resp.read()).decode(errors="replace"))
-        except (aiohttp.ClientError, OSError, TimeoutError):
+                return parse_runtime_load((await exchange.read()).decode(errors="replace"))
+        except (UpstreamError, TimeoutError):
             return RuntimeLoad()
 
     def set_limit(self, limit: int, reason: str) -> None:
