@@ -827,7 +827,8 @@ class BatchDispatcher(Actor):
                 load = await self._runtime_load(snap) if snap.ready else RuntimeLoad()
                 active = self.activity.idle_for() < self.settings.coserve_window_seconds
                 decision = controller.step(self.activity.ttft, self.activity.itl, load, realtime_active=active,
-                                           priority=self.settings.priority_scheduling)
+                                           priority=self.settings.priority_scheduling,
+                                           first_token_wait=self.activity.first_token_wait())
                 if decision.ttft is not None:
                     metrics.COSERVE_REALTIME_TTFT.set(decision.ttft)
                 if self.group is None:
@@ -862,19 +863,19 @@ class BatchDispatcher(Actor):
             self._slot_free.set()
             self._wake.set()
             return
-        # Lower: jobs claimed ahead beyond the new room go back to the queue at once. Without priority
-        # scheduling the runtime serves in arrival order, so the newest requests it is working on are
-        # stopped too and requeued without costing an attempt; with it, the runtime already puts realtime
-        # first and in-flight batch requests finish.
+        # Lower: jobs claimed ahead beyond the new room go back to the queue at once, and the newest
+        # requests the runtime is working on beyond the limit are stopped and requeued without costing an
+        # attempt. Even with priority scheduling: the runtime puts realtime first in its waiting queue, but
+        # every running batch sequence still lengthens each step (a decode, a prefill chunk), so a limit
+        # that waited for in-flight requests to finish would act only a whole batch request later.
         waiting = sorted((r for r in self.inflight.values() if not r.sending and not r.job.settled),
                          key=lambda r: r.started, reverse=True)
         surplus = len(waiting) - min(self.prefetch, limit)
         victims = waiting[:max(0, surplus)]
-        if not self.settings.priority_scheduling:
-            sending = sorted((r for r in self.inflight.values() if r.sending and not r.job.settled),
-                             key=lambda r: r.started, reverse=True)
-            victims += sending[:max(0, len(sending) - limit)]
-            metrics.COSERVE_PREEMPTED.inc(max(0, len(sending) - limit))
+        sending = sorted((r for r in self.inflight.values() if r.sending and not r.job.settled),
+                         key=lambda r: r.started, reverse=True)
+        victims += sending[:max(0, len(sending) - limit)]
+        metrics.COSERVE_PREEMPTED.inc(max(0, len(sending) - limit))
         for running in victims:
             if running.task is not None and not running.task.done():
                 running.cancel_reason = "coserve"

@@ -181,6 +181,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
     activity = app[ACTIVITY]
     accountant = app[ACCOUNTANT]
     activity.begin()
+    awaiting = activity.await_first_token() if stream else 0
     ok, prompt_tokens, completion_tokens = False, 0, 0
     try:
         started = time.perf_counter()
@@ -189,7 +190,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
                                                     until="headers" if stream else "body")
         if stream and upstream.status == 200:
             response, ok, prompt_tokens, completion_tokens = await _relay_stream(
-                request, upstream, started, path, client_wants_usage)
+                request, upstream, started, path, client_wants_usage, awaiting)
             return response
         payload = await upstream.read()
         metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
@@ -217,6 +218,8 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
             raise unavailable(request, now) from None
         raise _upstream_error(exc.kind, exc) from None
     finally:
+        if awaiting:
+            activity.stream_ended(awaiting)
         activity.end()
         accountant.record(UsageEvent(key_id, ok, prompt_tokens, completion_tokens))
 
@@ -264,10 +267,11 @@ class _SseRelay:
     """
 
     __slots__ = ("protocol", "transport", "upstream", "chunked", "wants_usage", "started", "path", "buffer", "first",
-                 "done", "prompt_tokens", "completion_tokens", "paused", "first_at", "last_at", "chunks")
+                 "done", "prompt_tokens", "completion_tokens", "paused", "first_at", "last_at", "chunks", "activity",
+                 "awaiting")
 
     def __init__(self, request: web.Request, transport: asyncio.Transport, upstream: Exchange, *, chunked: bool,
-                 wants_usage: bool, started: float, path: str) -> None:
+                 wants_usage: bool, started: float, path: str, awaiting: int = 0) -> None:
         self.protocol = request.protocol  # its transport becomes None when the client connection is lost
         self.transport, self.upstream, self.chunked = transport, upstream, chunked
         self.wants_usage, self.started, self.path = wants_usage, started, path
@@ -278,12 +282,15 @@ class _SseRelay:
         self.paused = False
         self.first_at = self.last_at = 0.0
         self.chunks = 0
+        self.activity = request.app[ACTIVITY]
+        self.awaiting = awaiting
 
     def __call__(self, chunk: bytes) -> None:
         now = time.perf_counter()
         if self.first:
             self.first_at = now
             metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
+            self.activity.first_token(self.awaiting, now - self.started)  # co-serving's signal, at once
             self.first = False
         self.last_at = now
         self.chunks += 1
@@ -335,7 +342,7 @@ class _SseRelay:
 
 
 async def _relay_stream(request: web.Request, upstream: Exchange, started: float, path: str,
-                        client_wants_usage: bool) -> tuple[web.StreamResponse, bool, int, int]:
+                        client_wants_usage: bool, awaiting: int = 0) -> tuple[web.StreamResponse, bool, int, int]:
     """Relay SSE events as they come (see _SseRelay).
 
     Returns the (already sent) response, whether the stream completed, and the token counts.
@@ -354,7 +361,7 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
         upstream.abort()
         return response, False, 0, 0
     relay = _SseRelay(request, transport, upstream, chunked=chunked, wants_usage=client_wants_usage, started=started,
-                      path=path)
+                      path=path, awaiting=awaiting)
     try:
         await upstream.relay(relay)
     except _ClientGone:
@@ -382,9 +389,10 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
         pass
     # What co-serving is judged by: time to first token, and the mean gap between the chunks after it
     # (the usage and [DONE] chunks excluded).
+    # (the TTFT was recorded when the first token came).
     tokens = relay.chunks - 2
-    request.app[ACTIVITY].record_stream(relay.first_at - started, (relay.last_at - relay.first_at) / tokens
-                                        if tokens >= 2 else None)
+    if tokens >= 2:
+        request.app[ACTIVITY].record_itl((relay.last_at - relay.first_at) / tokens)
     return response, True, relay.prompt_tokens, relay.completion_tokens
 
 
