@@ -258,7 +258,7 @@ async def run_gateway(policy: Policy, trace: list[Job], args: argparse.Namespace
                "LOG_LEVEL": "info" if args.gateway_log else "warning",
                "RUNTIME_FAILURE_DIR": str(tmp / "failures"), "RUNTIME_PID_FILE": str(tmp / "runtime.pid")}
         gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=tmp, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=open(args.gateway_log or os.devnull, "wb"),  # noqa: SIM115
+                                   stdout=subprocess.DEVNULL, stderr=open(args.gateway_log or os.devnull, "wb"),
                                    stdin=subprocess.DEVNULL)
         procs.append(gateway)
         r = aredis.Redis.from_url(REDIS_URL)

@@ -294,3 +294,71 @@ async def test_waiting_reasons_of_the_dispatcher(aiohttp_client: Any, make_setti
     assert dispatcher.waiting_reason(REALTIME_MODEL, heads)["code"] == "coserving_paused"
     dispatcher.set_limit(8, "headroom")
     assert dispatcher.waiting_reason(REALTIME_MODEL, heads)["code"] == "next"
+
+
+# --- end to end on the contention simulator: a realtime burst lowers the batch limit, and it recovers
+@pytest.fixture
+def contention_sim() -> Any:
+    """The simulator with its engine model, where a prefill-heavy batch slows realtime down: a step costs
+    0.05 ms per prefill token, so a step full of batch prompts (8,192 tokens) takes ~0.4 s."""
+    from tests.conftest import start_simulator
+
+    proc, url = start_simulator(REALTIME_MODEL, "--served-model-name", REALTIME_MODEL, "--sim-profile", "gpu-like",
+                                "--sim-step-per-prefill-token-ms", "0.05", "--max-model-len", "4096")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_a_realtime_burst_lowers_the_batch_limit_and_it_recovers(
+        aiohttp_client: Any, make_settings: Callable[..., Settings], contention_sim: str) -> None:
+    import asyncio
+
+    from gateway.http.appkeys import DISPATCHER
+
+    client = await aiohttp_client(create_app(make_settings(
+        runtime_url=contention_sim, max_concurrent_batch=16, coserve_adaptive=True,
+        coserve_interval_seconds=0.1, coserve_window_seconds=1.0, realtime_ttft_slo_ms=100,
+        realtime_itl_slo_ms=100, runtime_priority_scheduling="off")))
+    await wait_ready(client.app)
+    dispatcher = client.app[DISPATCHER]
+    # A backlog of prefill-heavy batch jobs; with no realtime traffic batch has every slot.
+    batch = {"model": REALTIME_MODEL, "prompt": [7] * 2000, "max_tokens": 64}
+    for _ in range(48):
+        resp = await client.post("/v1/batch/completions", json=batch, headers=auth("batch"))
+        assert resp.status == 202, await resp.text()
+    await eventually(lambda: dispatcher.status().sending >= 8, timeout=30)
+    assert dispatcher.limit == 16
+
+    # A burst of realtime streams: batch prefill makes their first tokens late, and the controller backs off.
+    async def stream() -> None:
+        body = {"model": REALTIME_MODEL, "prompt": "hello", "max_tokens": 8, "stream": True}
+        resp = await client.post("/v1/completions", json=body, headers=auth("realtime"))
+        assert resp.status == 200
+        await resp.read()
+
+    breaches = ("ttft_over_slo", "itl_over_slo", "runtime_queue")
+    stop = asyncio.Event()
+
+    async def burst() -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(stream() for _ in range(4)))
+
+    task = asyncio.create_task(burst())
+    try:
+        await eventually(lambda: any(d.reason in breaches and d.changed for d in dispatcher.coserve_history()),
+                         timeout=60)
+        await eventually(lambda: dispatcher.limit <= 4, timeout=60)
+    finally:
+        stop.set()
+        await task
+    cut = next(d for d in dispatcher.coserve_history() if d.reason in breaches and d.changed)
+    assert cut.limit < 16
+    # The overview (the dashboard's co-serving panel) shows the limit, why it last changed, and the series.
+    coserve = (await (await client.get("/monitor/overview", headers=auth("monitor"))).json())["coserve"]
+    assert coserve["limit"] < 16 and coserve["max_limit"] == 16 and coserve["ttft_slo_ms"] == 100
+    assert coserve["last_change"]["reason"] in (*breaches, "realtime_back")
+    assert any(p["limit"] < 16 for p in coserve["series"]) and coserve["ttft_p95_ms"] is not None
+    # Once the burst is over (no realtime request for COSERVE_WINDOW_SECONDS) batch gets every slot back.
+    await eventually(lambda: dispatcher.limit == 16 and dispatcher.limit_reason == "realtime_idle", timeout=30)
+    await eventually(lambda: dispatcher.status().sending > 4, timeout=30)
