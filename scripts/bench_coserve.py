@@ -96,6 +96,26 @@ def burst_windows(duration: float, burst_seconds: float) -> list[tuple[float, fl
     return windows
 
 
+@dataclass(frozen=True)
+class Load:
+    """Request sizes: (median, sigma, low, high) of lognormal token counts."""
+
+    realtime_prompt: tuple[float, float, int, int]
+    realtime_output: tuple[float, float, int, int]
+    batch_prompt: tuple[float, float, int, int]
+    batch_output: tuple[float, float, int, int]
+
+
+LOADS = {
+    # A chat service on a 7-8B model (the GPU-like profile's load).
+    "gpu": Load((512, 0.8, 16, 2048), (128, 0.6, 8, 512), (1024, 0.5, 64, 3000), (256, 0.5, 32, 1000)),
+    # The CPU tier (tiny-llama-a, --max-model-len 1024): realtime streams of 48 tokens, batch jobs of 128
+    # (the figures of issue 13).
+    "cpu-tier": Load((64, 0.5, 16, 256), (48, 0.0, 48, 48), (128, 0.5, 32, 512), (128, 0.0, 128, 128)),
+}
+LOAD = LOADS["gpu"]
+
+
 def realtime_trace(duration: float, rate: float, burst_seconds: float, seed: int) -> list[Job]:
     """Poisson arrivals at `rate`, 3x inside the burst windows (thinning of a 3x-rate process)."""
     rng = random.Random(seed)
@@ -110,7 +130,7 @@ def realtime_trace(duration: float, rate: float, burst_seconds: float, seed: int
         in_burst = any(a <= t < b for a, b in bursts)
         if not in_burst and rng.random() > 1 / 3:
             continue
-        jobs.append(Job(t, lognormal(rng, 512, 0.8, 16, 2048), lognormal(rng, 128, 0.6, 8, 512)))
+        jobs.append(Job(t, lognormal(rng, *LOAD.realtime_prompt), lognormal(rng, *LOAD.realtime_output)))
 
 
 class BatchBacklog:
@@ -121,7 +141,7 @@ class BatchBacklog:
 
     def next(self) -> Job:
         """The next job in the backlog."""
-        return Job(0.0, lognormal(self.rng, 1024, 0.5, 64, 3000), lognormal(self.rng, 256, 0.5, 32, 1000))
+        return Job(0.0, lognormal(self.rng, *LOAD.batch_prompt), lognormal(self.rng, *LOAD.batch_output))
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,16 +227,9 @@ async def run_http(policy: Policy, trace: list[Job], args: argparse.Namespace) -
     """Start the contention simulator for this policy and replay the load against it over HTTP."""
     if policy.adaptive:
         return await run_gateway(policy, trace, args)
-    port = free_port()
-    cmd = [sys.executable, "-m", "gateway.simulator", "--model", MODEL, "--host", "127.0.0.1", "--port",
-           str(port), "--sim-profile", args.profile, "--scheduling-policy", policy.scheduling_policy,
-           "--max-model-len", str(MAX_MODEL_LEN)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    procs, base = await start_runtime(policy, args)
     result = RunResult(window=args.duration)
     try:
-        await wait_up(base + "/health", timeout=30)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as http:
             await _replay_http(http, base, policy, trace, args, result)
@@ -225,8 +238,45 @@ async def run_http(policy: Policy, trace: list[Job], args: argparse.Namespace) -
                     if line.startswith("vllm:num_preemptions_total"):
                         result.preemptions = float(line.rsplit(" ", 1)[1])
     finally:
-        stop_processes([proc])
+        stop_processes(procs)
     return result
+
+
+def _pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+async def start_runtime(policy: Policy, args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The runtime of one policy: the contention simulator, a fresh vLLM (--start-vllm) with the policy's
+    scheduling policy, or the external --runtime-url (whose own scheduling policy applies to every policy)."""
+    if args.runtime_url:
+        await wait_up(args.runtime_url + "/health", timeout=60)
+        return [], args.runtime_url
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    if args.start_vllm:
+        python = Path(os.environ.get("VLLM_VENV", "/var/cache/llm-gateway/vllm-venv")) / "bin" / "python"
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--host",
+               "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
+               "--enforce-eager", "--scheduling-policy", policy.scheduling_policy]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        proc = subprocess.Popen(_pinned(cmd, args.runtime_cpus), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        timeout = 900.0
+    else:
+        cmd = [sys.executable, "-m", "gateway.simulator", "--model", args.model, "--host", "127.0.0.1", "--port",
+               str(port), "--sim-profile", args.profile, "--scheduling-policy", policy.scheduling_policy,
+               "--max-model-len", str(MAX_MODEL_LEN)]
+        proc = subprocess.Popen(_pinned(cmd, args.runtime_cpus), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        timeout = 30.0
+    try:
+        await wait_up(base + "/health", timeout=timeout)
+    except BaseException:
+        stop_processes([proc])
+        raise
+    return [proc], base
 
 
 async def run_gateway(policy: Policy, trace: list[Job], args: argparse.Namespace) -> RunResult:
@@ -234,36 +284,31 @@ async def run_gateway(policy: Policy, trace: list[Job], args: argparse.Namespace
     gateway's /v1/completions, batch is a backlog of jobs in its queue, and the dispatcher's co-serving
     controller (COSERVE_ADAPTIVE) decides how many of them reach the runtime at once, out of
     MAX_CONCURRENT_BATCH = N. The gateway sets the upstream priorities itself (RUNTIME_PRIORITY_SCHEDULING)."""
-    sim_port, gw_port = free_port(), free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "gateway.simulator", "--model", MODEL, "--host", "127.0.0.1",
-                            "--port", str(sim_port), "--sim-profile", args.profile, "--scheduling-policy",
-                            policy.scheduling_policy, "--max-model-len", str(MAX_MODEL_LEN)],
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    runtime = f"http://127.0.0.1:{sim_port}"
+    gw_port = free_port()
+    procs, runtime = await start_runtime(policy, args)
     base = f"http://127.0.0.1:{gw_port}"
     prefix = f"bench:coserve:{uuid.uuid4().hex[:8]}:"
     result = RunResult(window=args.duration)
-    procs = [sim]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "keys.json").write_text(json.dumps({"keys": [
             {"id": "bench-realtime", "token": REALTIME_TOKEN, "scopes": ["realtime"]},
             {"id": "bench-batch", "token": BATCH_TOKEN, "scopes": ["batch"]}]}))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix,
-               "AUTH_KEYS_FILE": str(tmp / "keys.json"), "REALTIME_MODEL": MODEL, "RUNTIME_BACKEND": "external",
+               "AUTH_KEYS_FILE": str(tmp / "keys.json"), "REALTIME_MODEL": args.model, "RUNTIME_BACKEND": "external",
                "RUNTIME_URL": runtime, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(gw_port),
                "MAX_CONCURRENT_BATCH": str(policy.batch_workers), "COSERVE_ADAPTIVE": "true",
                "RUNTIME_PRIORITY_SCHEDULING": "on", "REALTIME_TTFT_SLO_MS": str(args.ttft_slo_ms),
                "REALTIME_ITL_SLO_MS": str(args.itl_slo_ms),
                "LOG_LEVEL": "info" if args.gateway_log else "warning",
                "RUNTIME_FAILURE_DIR": str(tmp / "failures"), "RUNTIME_PID_FILE": str(tmp / "runtime.pid")}
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], cwd=tmp, env=env,
+        gateway = subprocess.Popen(_pinned([sys.executable, "-m", "gateway", "serve"], args.gateway_cpus),
+                                   cwd=tmp, env=env,
                                    stdout=subprocess.DEVNULL, stderr=open(args.gateway_log or os.devnull, "wb"),
                                    stdin=subprocess.DEVNULL)
         procs.append(gateway)
         r = aredis.Redis.from_url(REDIS_URL)
         try:
-            await wait_up(runtime + "/health", timeout=30)
             await wait_up(base + "/ready", timeout=60)
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector,
@@ -340,8 +385,9 @@ class _GatewayBacklog:
 
 
 def _body(job: Job, priority: int | None, stream: bool) -> dict[str, Any]:
+    # ignore_eos: random-weight models (the CPU tier) would end early; the simulator never does.
     body: dict[str, Any] = {"model": MODEL, "prompt": [7] * job.prompt_tokens, "max_tokens": job.output_tokens,
-                            "stream": stream}
+                            "stream": stream, "ignore_eos": True}
     if priority is not None:
         body["priority"] = priority
     return body
@@ -564,7 +610,11 @@ def summarize(results: dict[str, RunResult], args: argparse.Namespace) -> dict[s
 def print_table(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     """The comparison as a markdown table."""
     print()
-    print(f"profile {args.profile}, {'simulated time' if args.virtual else 'simulator over HTTP'}, "
+    where = ("simulated time" if args.virtual else f"vLLM {args.model}" if args.start_vllm
+             else f"runtime {args.runtime_url}" if args.runtime_url else "simulator over HTTP")
+    print(f"profile {args.profile}, load {args.load}, {where}"
+          f"{f', runtime on CPUs {args.runtime_cpus}' if args.runtime_cpus else ''}"
+          f"{f', gateway and client on CPUs {args.gateway_cpus}' if args.gateway_cpus else ''}, "
           f"{args.duration:g} s trace, rate {args.rate:g}/s (3x bursts of {args.burst_seconds:g} s), "
           f"{args.batch_workers} batch workers, SLO TTFT {args.ttft_slo_ms:g} ms / ITL {args.itl_slo_ms:g} ms, "
           f"seed {args.seed}")
@@ -605,7 +655,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print_table(summary, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {
-            "profile": args.profile, "virtual": args.virtual, "duration_s": args.duration, "rate": args.rate,
+            "profile": args.profile, "load": args.load, "runtime": "vllm" if args.start_vllm else
+            args.runtime_url or "simulator", "model": args.model, "runtime_cpus": args.runtime_cpus,
+            "gateway_cpus": args.gateway_cpus, "virtual": args.virtual, "duration_s": args.duration, "rate": args.rate,
             "burst_seconds": args.burst_seconds, "batch_workers": args.batch_workers,
             "ttft_slo_ms": args.ttft_slo_ms, "itl_slo_ms": args.itl_slo_ms, "seed": args.seed},
             "policies": summary}, indent=2))
@@ -613,6 +665,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    global LOAD, MAX_MODEL_LEN, MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 32 s trace with one burst (under 3 minutes)")
     parser.add_argument("--virtual", action="store_true", help="the engine model in simulated time")
@@ -630,12 +683,35 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--gateway-log", metavar="FILE", help="adaptive: keep the gateway's log (level info) here")
+    parser.add_argument("--load", choices=sorted(LOADS), default=None,
+                        help="request sizes (default gpu; cpu-tier with --start-vllm/--runtime-url)")
+    parser.add_argument("--start-vllm", action="store_true",
+                        help="run every policy on a fresh real vLLM (VLLM_VENV) serving --model, started with the "
+                             "policy's --scheduling-policy, instead of the simulator")
+    parser.add_argument("--runtime-url", help="an already running vLLM for every policy (its own scheduling policy)")
+    parser.add_argument("--model", help="the model to serve/send (default: the simulator's name; with "
+                                        "--start-vllm: /var/cache/llm-gateway/models/tiny-llama-a)")
+    parser.add_argument("--runtime-cpus", help="pin the runtime to these CPUs (taskset -c), e.g. 1")
+    parser.add_argument("--gateway-cpus", help="pin the gateway and this client to these CPUs, e.g. 0")
     parser.add_argument("--policies", help="only these policies, comma-separated (baseline and capacity always run)")
     args = parser.parse_args()
     if args.duration is None:
         args.duration = 32.0 if args.quick else 150.0
     if args.burst_seconds is None:
         args.burst_seconds = 20.0 if args.quick else 30.0
+    real = args.start_vllm or args.runtime_url
+    if args.virtual and real:
+        parser.error("--virtual runs the engine model; it cannot be combined with a real runtime")
+    if args.model is None:
+        args.model = "/var/cache/llm-gateway/models/tiny-llama-a" if real else MODEL
+    if args.load is None:
+        args.load = "cpu-tier" if real else "gpu"
+    LOAD = LOADS[args.load]
+    MODEL = args.model
+    if real:
+        MAX_MODEL_LEN = 1024
+    if args.gateway_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.gateway_cpus.split(",")})
     return asyncio.run(main_async(args))
 
 
