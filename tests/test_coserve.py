@@ -123,11 +123,12 @@ def test_controller_cuts_for_a_stream_still_waiting_for_its_first_token() -> Non
 
 
 def test_activity_counts_streams_waiting_for_their_first_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import activity as activity_module
+    import time
+
     from gateway.activity import RealtimeActivity
 
     now = [100.0]
-    monkeypatch.setattr(activity_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     activity = RealtimeActivity()
     assert activity.first_token_wait() == 0.0
     first, second = activity.await_first_token(), activity.await_first_token()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests_vllm.conftest import REALTIME_MODEL, Gateway, auth, eventually
+from tests.polling import eventually
+from tests_vllm.conftest import REALTIME_MODEL, Gateway, auth
 
 BACKLOG = 160  # more than vLLM's CPU default of 128 running sequences: the rest wait
 BATCH_TOKENS = 256  # long decodes, so the running ones hold their slots while realtime arrives
