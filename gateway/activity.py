@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from gateway.batch.coserve import LatencyWindow
 
@@ -15,7 +16,9 @@ class RealtimeActivity:
     realtime request finds another model loaded; the dispatcher awaits `wanted` to end a batch group.
     """
 
-    def __init__(self, window: float = 10.0) -> None:
+    def __init__(self, window: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        """Monotonic seconds (injectable: the dispatcher's unit tests share one fake clock with it)."""
         self.in_flight = 0
         self.last_request_at = 0.0
         self.wanted = asyncio.Event()
@@ -36,7 +39,7 @@ class RealtimeActivity:
         """A realtime stream was sent to the runtime: until `first_token`, it counts in `first_token_wait`.
         Returns the handle to pass to `first_token`/`stream_ended`."""
         self._next_stream += 1
-        self._awaiting[self._next_stream] = time.monotonic()
+        self._awaiting[self._next_stream] = self.clock()
         return self._next_stream
 
     def first_token(self, handle: int, ttft: float) -> None:
@@ -58,25 +61,25 @@ class RealtimeActivity:
         bound of a TTFT the window has not seen yet."""
         if not self._awaiting:
             return 0.0
-        return max(0.0, time.monotonic() - min(self._awaiting.values()))
+        return max(0.0, self.clock() - min(self._awaiting.values()))
 
     def begin(self) -> None:
         """A realtime request arrived."""
         self.in_flight += 1
-        self.last_request_at = time.monotonic()
+        self.last_request_at = self.clock()
 
     def end(self) -> None:
         """A realtime request finished (any outcome)."""
         self.in_flight -= 1
-        self.last_request_at = time.monotonic()
+        self.last_request_at = self.clock()
 
     def want_realtime(self) -> None:
         """A realtime request found the realtime model not loaded: ask for it back."""
-        self.last_request_at = time.monotonic()
+        self.last_request_at = self.clock()
         self.wanted.set()
 
     def idle_for(self) -> float:
         """Seconds since the last realtime request began or ended (0 while any is in flight)."""
         if self.in_flight:
             return 0.0
-        return time.monotonic() - self.last_request_at if self.last_request_at else float("inf")
+        return self.clock() - self.last_request_at if self.last_request_at else float("inf")

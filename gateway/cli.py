@@ -129,7 +129,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
         import uvloop
     except ImportError:
         return asyncio.new_event_loop
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop  # type: ignore[no-any-return, unused-ignore]
 
 
 def _hash(args: argparse.Namespace) -> int:

@@ -183,7 +183,7 @@ class _QueueDepth:
 
 
 QUEUE_DEPTH = _QueueDepth()
-REGISTRY.register(QUEUE_DEPTH)  # type: ignore[arg-type]
+REGISTRY.register(QUEUE_DEPTH)  # type: ignore[arg-type, unused-ignore]
 QUEUE_DEPTH_MAX_MODELS = 20
 
 OPERATOR_ACTIONS = Counter("llm_gateway_operator_actions_total", "Runtime actions asked for through "

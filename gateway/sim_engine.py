@@ -473,7 +473,8 @@ class EngineLoop:
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the simulator's command line uses it too)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
@@ -498,15 +499,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="serve through the continuous-batching engine model (default profile gpu-like)")
     group.add_argument("--sim-profile", choices=sorted(PROFILES), default=None,
                        help="engine parameters to start from (implies --sim-contention)")
-    group.add_argument("--max-num-seqs", type=_positive_int, default=None,
+    group.add_argument("--max-num-seqs", type=positive_int, default=None,
                        help="most sequences running at once (vLLM spelling)")
-    group.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+    group.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                        help="token budget of one engine step, chunked prefill included (vLLM spelling)")
     group.add_argument("--scheduling-policy", choices=POLICIES, default=None,
                        help="waiting-queue order (vLLM spelling; default fcfs)")
-    group.add_argument("--block-size", type=_positive_int, default=None,
+    group.add_argument("--block-size", type=positive_int, default=None,
                        help="tokens per KV-cache block (vLLM spelling)")
-    group.add_argument("--sim-kv-cache-tokens", type=_positive_int, default=None,
+    group.add_argument("--sim-kv-cache-tokens", type=positive_int, default=None,
                        help="KV-cache capacity in tokens")
     group.add_argument("--sim-step-base-ms", type=_milliseconds, default=None,
                        help="fixed cost of one engine step, ms")

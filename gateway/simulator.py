@@ -36,7 +36,7 @@ from aiohttp import web
 try:
     from gateway import sim_engine
 except ImportError:  # pragma: no cover - the Docker image runs /app/simulator.py beside sim_engine.py
-    import sim_engine  # type: ignore[no-redef]
+    import sim_engine  # type: ignore[no-redef, import-not-found]
 
 try:  # orjson is much faster, but the Docker image has only the standard library.
     import orjson  # type: ignore[import-not-found,unused-ignore]
@@ -130,13 +130,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line: vLLM's and SGLang's spellings of the options that matter, plus --sim-*."""
     parser = argparse.ArgumentParser(
@@ -154,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-model-len", "--context-length", dest="max_model_len_alias",
-                        type=_positive_int, default=None,
+                        type=sim_engine.positive_int, default=None,
                         help="vLLM/SGLang spelling of --sim-max-model-len")
     sim = parser.add_argument_group("simulation")
     sim.add_argument("--sim-start-delay", type=_non_negative_float, default=0.0,
@@ -171,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with this code right away")
     sim.add_argument("--sim-hang-after", type=_non_negative_int, default=None,
                      help="generation requests after the N-th never answer")
-    sim.add_argument("--sim-fail-every", type=_positive_int, default=None,
+    sim.add_argument("--sim-fail-every", type=sim_engine.positive_int, default=None,
                      help="every N-th generation request answers 500")
     sim.add_argument("--sim-sleep-delay", type=_non_negative_float, default=0.0)
     sim.add_argument("--sim-wake-delay", type=_non_negative_float, default=0.0)
-    sim.add_argument("--sim-max-model-len", type=_positive_int, default=None,
+    sim.add_argument("--sim-max-model-len", type=sim_engine.positive_int, default=None,
                      help="context length in tokens (default 2048)")
     sim_engine.add_engine_arguments(parser)
     return parser
@@ -1038,7 +1031,7 @@ class Simulator:
             except ValueError as exc:
                 raise RequestError(
                     "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.0', 'msg': 'JSON decode "
-                    f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{exc.msg}'}}}}",
+                    f"error', 'input': '<dict of 0 items>', 'ctx': {{'error': '{getattr(exc, 'msg', exc)}'}}}}",
                     err_type="Bad Request", param="body.0") from None
             req = parse_request(body, chat)
             if req.model and req.model not in self.served:

@@ -281,6 +281,11 @@ class UpstreamPool:
             return exchange
         raise AssertionError("unreachable")
 
+    @property
+    def idle_connections(self) -> int:
+        """Keep-alive connections waiting to be reused, over every runtime."""
+        return sum(len(conns) for conns in self._idle.values())
+
     def close(self) -> None:
         """Close every idle connection; later requests fail."""
         self._closed = True

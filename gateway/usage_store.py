@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
+from gateway.redis_codec import text as _text
 from gateway.redis_keys import RedisKeys
 
 FIELDS = ("requests", "successes", "errors", "prompt_tokens", "completion_tokens")
@@ -39,10 +40,6 @@ class UsageDelta:
     day: str
     counts: Mapping[str, int]
     last_used_at: float
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _counts(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str]:

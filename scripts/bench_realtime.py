@@ -32,18 +32,13 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from benchlib import delete_prefix, free_port, rss_mb, stop_processes, wait_up
+from benchlib import delete_prefix, free_port, pct, rss_mb, stop_processes, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"
 EXTRA: dict[str, object] = {}  # added to every request body ({"ignore_eos": true} on a real runtime)
 TOKEN = "bench-token-realtime-0001"
 MONITOR = "bench-token-monitor-0001"
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 class Target:

@@ -12,6 +12,14 @@ import aiohttp
 import redis
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0 to 1) of `values`: the value at rank int(q * n) of the sorted list; 0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port, stop_processes, wait_up
+from benchlib import free_port, pct, stop_processes, wait_up
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("LLM_GATEWAY_CACHE_DIR", "/var/cache/llm-gateway"))
@@ -49,17 +49,10 @@ class Point:
     tokens: int = 0
     seconds: float = 0.0
 
-    def pct(self, values: list[float], q: float) -> float:
-        """The q-quantile (0 to 1) of values, 0 when empty."""
-        if not values:
-            return 0.0
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
     def summary(self) -> dict[str, float]:
         """p50/p90 TTFT and ITL in ms, and output tokens/s."""
-        return {"ttft_p50_ms": self.pct(self.ttft, 0.5) * 1e3, "ttft_p90_ms": self.pct(self.ttft, 0.9) * 1e3,
-                "itl_p50_ms": self.pct(self.itl, 0.5) * 1e3, "itl_p90_ms": self.pct(self.itl, 0.9) * 1e3,
+        return {"ttft_p50_ms": pct(self.ttft, 0.5) * 1e3, "ttft_p90_ms": pct(self.ttft, 0.9) * 1e3,
+                "itl_p50_ms": pct(self.itl, 0.5) * 1e3, "itl_p90_ms": pct(self.itl, 0.9) * 1e3,
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
                 "requests": float(len(self.ttft))}
 

@@ -15,10 +15,13 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
+from openai import AsyncOpenAI
 
+from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.logging import configure_logging
 from gateway.settings import Settings
 from tests.polling import eventually  # noqa: F401 (tests import it from here)
+from tests.runtimes import SIMULATOR_IMAGE, image_exists
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REALTIME_MODEL = "test-org/realtime-model"
@@ -92,7 +95,8 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | N
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def start_simulator(model: str = REALTIME_MODEL, *args: str, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def start_simulator(model: str = REALTIME_MODEL, *args: str,
+                    port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start `python -m gateway.simulator` on a free port and wait for /health."""
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway.simulator", "--model", model, "--host", "127.0.0.1",
@@ -167,3 +171,90 @@ async def gateway(aiohttp_client: Any, make_settings: Callable[..., Settings]) -
     client = await aiohttp_client(create_app(make_settings()))
     await wait_ready(client.app)
     yield client
+
+
+# --- runtime supervisors (process and Docker backends)
+
+
+@pytest.fixture
+async def supervisors() -> AsyncIterator[Callable[..., RuntimeSupervisor]]:
+    """Build supervisors that are stopped after the test, whatever happened."""
+    made: list[RuntimeSupervisor] = []
+
+    def build(settings: Settings, **kwargs: Any) -> RuntimeSupervisor:
+        sup = RuntimeSupervisor(settings, **kwargs)
+        made.append(sup)
+        return sup
+
+    yield build
+    for sup in made:
+        await sup.stop()
+
+
+@pytest.fixture
+def proc_settings(make_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for the process backend running the simulator, with a private pid file."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"runtime_backend": "process", "runtime_pid_file": str(tmp_path / "runtime.pid"),
+                                  "runtime_start_timeout": 30, "runtime_stop_timeout": 5}
+        values.update(overrides)
+        return make_settings(**values)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def simulator_image() -> str:
+    """The simulator image, built by scripts/build-test-images.sh when missing."""
+    if not image_exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "build-test-images.sh")], check=True, timeout=1800)
+    assert image_exists(), f"{SIMULATOR_IMAGE} is missing and scripts/build-test-images.sh did not build it"
+    return SIMULATOR_IMAGE
+
+
+@pytest.fixture
+def container_name() -> Iterator[str]:
+    """A unique container name; the container is force-removed after the test whatever happened."""
+    name = f"llmgw-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+def docker_settings(make_settings: Callable[..., Settings], simulator_image: str,
+                    container_name: str) -> Callable[..., Settings]:
+    """Settings for the docker backend running the simulator image."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"runtime_backend": "docker", "runtime_image": simulator_image,
+                                  "runtime_container_name": container_name, "runtime_start_timeout": 60,
+                                  "runtime_stop_timeout": 3}
+        values.update(overrides)
+        return make_settings(**values)
+
+    return build
+
+
+# --- the official openai SDK against a test gateway
+
+_SDK_CLIENTS: list[AsyncOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_sdk_clients() -> AsyncIterator[None]:
+    yield
+    while _SDK_CLIENTS:
+        await _SDK_CLIENTS.pop().close()
+
+
+def sdk_at(base_url: str, role: str = "batch") -> AsyncOpenAI:
+    """The official SDK at `base_url` (…/v1) with a test key; closed after the test."""
+    api = AsyncOpenAI(base_url=base_url, api_key=TOKENS[role], max_retries=0)
+    _SDK_CLIENTS.append(api)
+    return api
+
+
+def sdk(client: Any, role: str = "batch") -> AsyncOpenAI:
+    """The official SDK pointed at the test gateway (closed after the test)."""
+    return sdk_at(str(client.make_url("/v1")), role)

@@ -35,3 +35,18 @@ async def wait_for_state(sup: RuntimeSupervisor, check: Callable[[RuntimeSnapsho
             raise AssertionError(f"state not reached within {timeout} s; last snapshot {snap}")
         snap = await sup.wait_changed(left, since=snap)
     return snap
+
+
+class ManualClock:
+    """Monotonic seconds that move only when a test (or a fake waiting on them) says so: the injectable
+    `clock` of the dispatcher, the supervisor and RealtimeActivity in unit tests."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += seconds

@@ -9,28 +9,8 @@ import orjson
 import pytest
 import redis.asyncio as aredis
 
-from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, auth, eventually
-
-
-async def submit(client: Any, body: dict[str, Any], path: str = "/v1/batch/completions",
-                 role: str = "batch") -> dict[str, Any]:
-    resp = await client.post(path, json=body, headers=auth(role))
-    assert resp.status == 202, await resp.text()
-    return await resp.json()
-
-
-async def job_status(client: Any, job_id: str, role: str = "batch") -> dict[str, Any]:
-    resp = await client.get(f"/v1/jobs/{job_id}", headers=auth(role))
-    assert resp.status == 200, await resp.text()
-    return await resp.json()
-
-
-async def wait_status(client: Any, job_id: str, statuses: set[str], timeout: float = 20.0) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        job = await job_status(client, job_id)
-        return job if job["status"] in statuses else None
-
-    return await eventually(check, timeout=timeout)
+from tests.api_helpers import submit, wait_status
+from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, auth
 
 
 async def test_seed_curl_flow_completes(gateway: Any) -> None:

@@ -13,13 +13,8 @@ import redis.asyncio as aredis
 
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import DISPATCHER, REDIS, REDIS_KEYS
+from tests.api_helpers import events, submit, wait_status
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, eventually, start_simulator, wait_ready
-from tests.test_batch_api import submit, wait_status
-
-
-async def events(client: Any) -> list[dict[str, str]]:
-    raw = await client.app[REDIS].xrange(client.app[REDIS_KEYS].job_events)
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in raw]
 
 
 @pytest.fixture

@@ -13,15 +13,8 @@ import pytest
 
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACTIVITY, DISPATCHER, SUPERVISOR
-from tests import test_supervisor_docker as _docker
+from tests.api_helpers import events, job_status, submit, wait_status
 from tests.conftest import REALTIME_MODEL, auth, eventually, wait_ready
-from tests.test_batch_api import submit, wait_status
-from tests.test_batch_dispatch import events
-
-# Docker fixtures shared with the supervisor's tests (unique container name, removed afterwards).
-container_name = _docker.container_name
-docker_settings = _docker.docker_settings
-simulator_image = _docker.simulator_image
 
 OTHER = "test-org/batch-model"
 
@@ -52,7 +45,7 @@ async def run_swap_scenario(client: Any, jobs: int = 8, sleep_mode: bool = False
            for i in range(jobs)]
 
     # Realtime idle -> the dispatcher swaps to the other model and drains its jobs as a group.
-    batch_runtime = (lambda: dispatcher._supervisor_for(OTHER)) if sleep_mode else (lambda: supervisor)
+    batch_runtime = (lambda: dispatcher.batch_runtime or supervisor) if sleep_mode else (lambda: supervisor)
     await eventually(lambda: dispatcher.status().group == OTHER and batch_runtime().snapshot.ready
                      and batch_runtime().snapshot.model == OTHER, timeout=60, interval=0.02)
     await eventually(lambda: dispatcher.status().in_flight > 0, timeout=30, interval=0.01)
@@ -79,7 +72,7 @@ async def run_swap_scenario(client: Any, jobs: int = 8, sleep_mode: bool = False
     assert supervisor.snapshot.model == REALTIME_MODEL
     if sleep_mode:
         assert supervisor.backend.pid == realtime_pid, "woken, not restarted"
-        assert dispatcher._batch_runtime is None
+        assert dispatcher.batch_runtime is None
 
     # Jobs cut off by the swap went back to the queue without costing an attempt; after realtime has
     # been idle again the group resumes, and every job completes exactly once.
@@ -125,7 +118,11 @@ async def test_other_model_waits_while_realtime_is_busy(aiohttp_client: Any, mak
         assert (await realtime_request(client)).status == 200
         await asyncio.sleep(0.2)
     assert client.app[SUPERVISOR].snapshot.model == REALTIME_MODEL
-    assert (await wait_status(client, job["id"], {"queued"}))["status"] == "queued"
+    # Read now, not waited for: after 2.4 s of realtime traffic the job has not started and nothing swapped.
+    waiting = await job_status(client, job["id"])
+    assert waiting["status"] == "queued" and waiting["started_at"] is None and waiting["attempts"] == 0, waiting
+    assert client.app[DISPATCHER].swaps == []
+    assert [e["event"] for e in await events(client) if e["job_id"] == job["id"]] == ["enqueued"]
     # Once realtime is quiet for SWAP_REALTIME_IDLE_SECONDS the group runs and the realtime model returns.
     done = await wait_status(client, job["id"], {"completed"}, timeout=60)
     assert done["response"]["model"] == OTHER
@@ -164,14 +161,19 @@ async def test_max_residency_ends_a_group(aiohttp_client: Any, make_settings: Ca
     ids = [(await submit(client, {"model": OTHER, "prompt": f"long group {i}", "max_tokens": 2}))["id"]
            for i in range(4)]
     for job_id in ids:
-        assert (await wait_status(client, job_id, {"completed"}, timeout=90))["status"] == "completed"
+        job = await wait_status(client, job_id, {"completed", "failed"}, timeout=90)
+        assert job["status"] == "completed" and job["response"]["model"] == OTHER, job
+    log = await events(client)
+    # Jobs cut off when the group outstayed its residency were requeued and each completed exactly once.
+    assert Counter(e["job_id"] for e in log if e["event"] == "completed") == dict.fromkeys(ids, 1)
     dispatcher = client.app[DISPATCHER]
     await eventually(lambda: dispatcher.status().group is None and dispatcher.swaps[-1]["reason"] == "group_done",
                      timeout=60)
     reasons = [s["reason"] for s in dispatcher.swaps]
     assert "max_residency" in reasons, reasons
     # Between two group entries the realtime model always came back.
-    assert reasons[0] == "batch_group" and all(a != b for a, b in zip(reasons, reasons[1:], strict=False) if a == "batch_group")
+    assert reasons[0] == "batch_group"
+    assert all(a != b for a, b in zip(reasons, reasons[1:], strict=False) if a == "batch_group")
 
 
 async def test_model_that_cannot_load_fails_its_jobs(aiohttp_client: Any, make_settings: Callable[..., Any]) -> None:
@@ -186,7 +188,10 @@ async def test_model_that_cannot_load_fails_its_jobs(aiohttp_client: Any, make_s
     assert client.app[SUPERVISOR].snapshot.model == REALTIME_MODEL
     # The realtime model's own jobs are unaffected.
     ok = await submit(client, {"model": REALTIME_MODEL, "prompt": "fine"})
-    assert (await wait_status(client, ok["id"], {"completed"}))["status"] == "completed"
+    done = await wait_status(client, ok["id"], {"completed", "failed"})
+    assert done["status"] == "completed" and done["attempts"] == 1 and done["error"] is None, done
+    assert done["response"]["model"] == REALTIME_MODEL
+    assert [e["event"] for e in await events(client) if e["job_id"] == created["id"]][-1] == "failed"
 
 
 async def test_request_cut_off_by_a_restart_gets_503_not_502(aiohttp_client: Any, make_settings: Callable[..., Any],

@@ -158,7 +158,8 @@ async def test_a_wrong_token_is_refused(browser: Browser, base_url: str, shots: 
     await page.goto(base_url + "/dashboard/login")
     for token in ("definitely-not-a-token", TOKENS["realtime"]):
         await page.fill("#token", token)
-        async with page.expect_response(lambda r: r.url.endswith("/dashboard/login") and r.request.method == "POST") as info:
+        async with page.expect_response(
+                lambda r: r.url.endswith("/dashboard/login") and r.request.method == "POST") as info:
             await page.click("#login")
         assert (await info.value).status == 401
         await expect(page.locator("#login-error")).to_contain_text("not a key with the monitor scope")

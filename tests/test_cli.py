@@ -16,13 +16,13 @@ import pytest
 import redis as redis_sync
 
 from gateway.actors.usage import UsageAccountant, UsageEvent
-from gateway.usage_store import UsageStore
 from gateway.batch.jobs import Endpoint, parse_submission
 from gateway.batch.queue import JobQueue
 from gateway.bootstrap import create_app
 from gateway.commands.common import Progress
 from gateway.keys import hash_token
 from gateway.redis_keys import RedisKeys
+from gateway.usage_store import UsageStore
 from tests.conftest import (
     KEY_IDS,
     REALTIME_MODEL,

@@ -122,14 +122,11 @@ def test_controller_cuts_for_a_stream_still_waiting_for_its_first_token() -> Non
     assert (d.limit, d.reason) == (9, "headroom")
 
 
-def test_activity_counts_streams_waiting_for_their_first_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
+def test_activity_counts_streams_waiting_for_their_first_token() -> None:
     from gateway.activity import RealtimeActivity
 
     now = [100.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    activity = RealtimeActivity()
+    activity = RealtimeActivity(clock=lambda: now[0])
     assert activity.first_token_wait() == 0.0
     first, second = activity.await_first_token(), activity.await_first_token()
     now[0] += 2.0

@@ -60,7 +60,8 @@ async def submit_job(client: Any, role: str = "batch", model: str = "test-org/ba
 
 
 # --- login, cookie, session
-async def test_pages_redirect_browsers_to_login_and_answer_scripts_with_401(aiohttp_client: Any, make_settings: Any) -> None:
+async def test_pages_redirect_browsers_to_login_and_answer_scripts_with_401(aiohttp_client: Any,
+                                                                          make_settings: Any) -> None:
     client = await make_client(aiohttp_client, make_settings)
     resp = await client.get("/dashboard/jobs?status=queued", headers=HTML, allow_redirects=False)
     assert resp.status == 302

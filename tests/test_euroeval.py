@@ -15,8 +15,8 @@ import redis as redis_sync
 from gateway.bootstrap import create_app
 from gateway.evals.euroeval import build_args, read_results
 from gateway.http.evals import EVAL_RUNNER
+from tests.api_helpers import create_run, wait_run
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, ROOT, auth, eventually, free_port, wait_ready
-from tests.test_evals import create, wait_run
 
 FAKE = ROOT / "tests" / "fixtures" / "fake_euroeval.py"
 
@@ -41,7 +41,7 @@ async def euroeval_gateway(aiohttp_client: Any, make_settings: Any, tmp_path: Pa
 async def test_euroeval_run_succeeds_through_the_gateway(aiohttp_client: Any, make_settings: Any,
                                                          tmp_path: Path, redis_prefix: str) -> None:
     client = await euroeval_gateway(aiohttp_client, make_settings, tmp_path)
-    view = await create(client, {"harness": "euroeval", "model": REALTIME_MODEL, "task": "sentiment-classification",
+    view = await create_run(client, {"harness": "euroeval", "model": REALTIME_MODEL, "task": "sentiment-classification",
                                  "language": ["da", "sv"], "options": {"num_iterations": 2, "few_shot": False}})
     assert view["task"] == ["sentiment-classification"] and view["language"] == ["da", "sv"]
     done = await wait_run(client, view["id"])
@@ -76,7 +76,7 @@ async def test_euroeval_run_succeeds_through_the_gateway(aiohttp_client: Any, ma
 async def test_euroeval_failure_reports_the_log_tail(aiohttp_client: Any, make_settings: Any,
                                                      tmp_path: Path) -> None:
     client = await euroeval_gateway(aiohttp_client, make_settings, tmp_path, "--fake-fail")
-    view = await create(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
+    view = await create_run(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
     done = await wait_run(client, view["id"])
     assert done["status"] == "failed"
     assert done["error"]["code"] == "euroeval_failed"
@@ -89,7 +89,7 @@ async def test_euroeval_failure_reports_the_log_tail(aiohttp_client: Any, make_s
 
 async def test_euroeval_without_results_fails(aiohttp_client: Any, make_settings: Any, tmp_path: Path) -> None:
     client = await euroeval_gateway(aiohttp_client, make_settings, tmp_path, "--fake-no-results")
-    view = await create(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
+    view = await create_run(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
     done = await wait_run(client, view["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "euroeval_no_results"
     assert "wrote no results" in done["error"]["message"]
@@ -99,7 +99,8 @@ async def test_euroeval_command_missing_fails(aiohttp_client: Any, make_settings
     settings = make_settings(euroeval_command=str(tmp_path / "no-such-euroeval"),
                              euroeval_work_dir=str(tmp_path / "euroeval"))
     client = await aiohttp_client(create_app(settings))
-    view = await create(client, {"harness": "euroeval", "model": REALTIME_MODEL, "task": "sentiment-classification"})
+    view = await create_run(client, {"harness": "euroeval", "model": REALTIME_MODEL,
+                                     "task": "sentiment-classification"})
     done = await wait_run(client, view["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "euroeval_unavailable"
     assert "EUROEVAL_COMMAND" in done["error"]["message"]
@@ -114,7 +115,7 @@ async def test_cancel_stops_euroeval(aiohttp_client: Any, make_settings: Any, tm
     settings = make_settings(euroeval_command=shlex.join([sys.executable, str(sleeper)]),
                              euroeval_work_dir=str(tmp_path / "euroeval"))
     client = await aiohttp_client(create_app(settings))
-    view = await create(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
+    view = await create_run(client, {"harness": "euroeval", "model": REALTIME_MODEL, "dataset": "scala-en"})
     await eventually(lambda: pid_file.exists() and pid_file.read_text())
     resp = await client.post(f"/eval/runs/{view['id']}/cancel", headers=auth("eval"))
     assert resp.status == 200 and (await resp.json())["status"] == "cancelled"

@@ -17,10 +17,10 @@ import redis as redis_sync
 from gateway.bootstrap import create_app
 from gateway.evals.runs import Harness, RunSpec
 from gateway.http.evals import EVAL_RUNNER
+from tests.api_helpers import create_run, wait_run
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, ROOT, auth, eventually, start_simulator, wait_ready
 
 RUN_EVAL = ROOT / "eval-repo" / "run_eval.py"
-FINAL = ("completed", "failed", "cancelled")
 
 
 def run_eval(*args: str, stdin: bytes | None = None) -> bytes:
@@ -45,24 +45,6 @@ def expected_score(sim_url: str, eval_name: str, options: dict[str, Any]) -> dic
         with urllib.request.urlopen(req, timeout=30) as resp:
             lines.append(json.dumps({"id": request["id"], "response": json.loads(resp.read())}).encode())
     return json.loads(run_eval("score", eval_name, *option_flags(options), stdin=b"\n".join(lines)))
-
-
-async def wait_run(client: Any, run_id: str, timeout: float = 60.0, role: str = "eval") -> dict[str, Any]:
-    """Poll GET /eval/runs/<id> until the run is final."""
-    async def done() -> dict[str, Any] | None:
-        resp = await client.get(f"/eval/runs/{run_id}", headers=auth(role))
-        assert resp.status == 200, await resp.text()
-        view = await resp.json()
-        return view if view["status"] in FINAL else None
-    return await eventually(done, timeout=timeout, interval=0.1)
-
-
-async def create(client: Any, body: dict[str, Any], role: str = "eval") -> dict[str, Any]:
-    resp = await client.post("/eval/runs", json=body, headers=auth(role))
-    assert resp.status == 202, await resp.text()
-    view = await resp.json()
-    assert resp.headers["Location"] == f"/eval/runs/{view['id']}"
-    return view
 
 
 async def test_list_evals_is_the_eval_repo_list(gateway: Any) -> None:
@@ -134,7 +116,7 @@ async def test_bad_json_body_is_400(gateway: Any) -> None:
     ("json-format", {"limit": 6, "json_mode": True}),
 ])
 async def test_each_eval_end_to_end(gateway: Any, sim_url: str, eval_name: str, options: dict[str, Any]) -> None:
-    view = await create(gateway, {"harness": "eval-repo", "eval": eval_name, "model": REALTIME_MODEL,
+    view = await create_run(gateway, {"harness": "eval-repo", "eval": eval_name, "model": REALTIME_MODEL,
                                   "options": options, "priority": 2})
     assert view["status"] == "queued" and view["eval"] == eval_name and view["priority"] == 2
     done = await wait_run(gateway, view["id"])
@@ -156,9 +138,12 @@ async def test_each_eval_end_to_end(gateway: Any, sim_url: str, eval_name: str, 
 
 
 async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: Any, redis_prefix: str) -> None:
-    view = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
+    view = await create_run(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 3}})
-    assert (await wait_run(gateway, view["id"]))["status"] == "completed"
+    done = await wait_run(gateway, view["id"])
+    assert done["status"] == "completed", done["error"]
+    assert done["progress"] == {"prepared": 3, "sent": 3, "answered": 3, "scored": 3}
+    assert done["result"]["counts"] == {"selected": 3, "answered": 3, "errors": 0, "missing": 0}
     client = redis_sync.Redis.from_url(REDIS_URL)
     try:
         job_ids = [j.decode() for j in client.zrange(f"{redis_prefix}job_index:{KEY_IDS['eval']}", 0, -1)]
@@ -177,9 +162,9 @@ async def test_runs_go_through_the_batch_queue_under_the_callers_key(gateway: An
 
 
 async def test_list_and_visibility(gateway: Any, redis_prefix: str) -> None:
-    mine = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
+    mine = await create_run(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                   "options": {"limit": 1}})
-    theirs = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
+    theirs = await create_run(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                     "options": {"limit": 1}}, role="all")
     internal = await gateway.app[EVAL_RUNNER].create_run(RunSpec(Harness.EVAL_REPO, REALTIME_MODEL,
                                                                  options={"limit": 1}, eval="capitals-qa"))
@@ -250,7 +235,7 @@ async def test_protocol_error_in_score_is_a_failed_run(aiohttp_client: Any, make
     client = await aiohttp_client(create_app(make_settings(eval_repo_dir=str(_broken_repo(tmp_path, reply,
                                                                                           exit_code)))))
     await wait_ready(client.app)
-    view = await create(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
+    view = await create_run(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                  "options": {"limit": 2}})
     done = await wait_run(client, view["id"])
     assert done["status"] == "failed" and done["error"]["code"] == code
@@ -269,7 +254,7 @@ async def test_cancel_stops_the_run_and_its_jobs(aiohttp_client: Any, make_setti
                                                  redis_prefix: str) -> None:
     # No dispatcher: the jobs stay queued, so the run is certainly unfinished when it is cancelled.
     client = await aiohttp_client(create_app(make_settings(batch_dispatcher_enabled=False, eval_max_in_flight=3)))
-    view = await create(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
+    view = await create_run(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                  "options": {"limit": 5}})
 
     async def sent() -> dict[str, Any] | None:
@@ -303,7 +288,7 @@ async def test_restart_mid_run_resumes_without_duplicates(aiohttp_client: Any, m
         settings = make_settings(runtime_url=slow_url, eval_max_in_flight=2, max_concurrent_batch=2)
         first = await aiohttp_client(create_app(settings))
         await wait_ready(first.app)
-        view = await create(first, {"harness": "eval-repo", "eval": "capitals-qa", "model": REALTIME_MODEL,
+        view = await create_run(first, {"harness": "eval-repo", "eval": "capitals-qa", "model": REALTIME_MODEL,
                                     "options": {"limit": 10}})
         answers_key = f"{redis_prefix}eval_run:{view['id']}:answers"
         jobs_key = f"{redis_prefix}eval_run:{view['id']}:jobs"
@@ -348,7 +333,7 @@ async def test_unexpected_errors_are_retried_then_fail_the_run(aiohttp_client: A
         calls.append(args)
         raise RuntimeError("boom")
     runner.repo.prepare = broken_prepare  # type: ignore[method-assign]
-    view = await create(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL})
+    view = await create_run(client, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL})
     done = await wait_run(client, view["id"], timeout=30)
     assert done["status"] == "failed" and done["error"]["code"] == "internal"
     assert "internal error after 3 attempts: RuntimeError: boom" in done["error"]["message"]
@@ -356,9 +341,9 @@ async def test_unexpected_errors_are_retried_then_fail_the_run(aiohttp_client: A
 
 
 async def test_operators_see_every_run_on_the_monitor(gateway: Any) -> None:
-    view = await create(gateway, {"harness": "eval-repo", "eval": "capitals-qa", "model": REALTIME_MODEL,
+    view = await create_run(gateway, {"harness": "eval-repo", "eval": "capitals-qa", "model": REALTIME_MODEL,
                                   "options": {"limit": 2}})
-    other = await create(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
+    other = await create_run(gateway, {"harness": "eval-repo", "eval": "arithmetic", "model": REALTIME_MODEL,
                                    "options": {"limit": 1}}, role="all")
     await wait_run(gateway, view["id"])
     await wait_run(gateway, other["id"], role="all")

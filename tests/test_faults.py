@@ -24,7 +24,7 @@ from gateway.actors.supervisor import RuntimeState
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, start_simulator, wait_ready
 from tests.liveproc import gateway_env, start_gateway, stop_gateway
 from tests.polling import wait_for_state
-from tests.test_supervisor_docker import container_name, docker_settings, inspect, simulator_image, supervisors  # noqa: F401 (fixtures)
+from tests.runtimes import inspect
 
 JOBS = 300
 KILLS = 3

@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from openai import AsyncOpenAI
 
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import UPLOADS
-from tests.conftest import KEY_IDS, TOKENS, auth, free_port
+from tests.conftest import KEY_IDS, auth, free_port, sdk
 
 TUS = {"Tus-Resumable": "1.0.0"}
-
-
-_CLIENTS: list[AsyncOpenAI] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_sdk_clients() -> AsyncIterator[None]:
-    yield
-    while _CLIENTS:
-        await _CLIENTS.pop().close()
-
-
-def sdk(client: Any, role: str = "batch") -> AsyncOpenAI:
-    """The official SDK pointed at the test gateway (closed after the test)."""
-    api = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=TOKENS[role], max_retries=0)
-    _CLIENTS.append(api)
-    return api
 
 
 def form(data: bytes, *, filename: str = "in.jsonl", purpose: str | None = "batch",

@@ -108,5 +108,35 @@ def test_the_private_checker_sees_a_reach() -> None:
     assert [expr for _, expr in _private_reaches(tree)] == ["dispatcher._inflight"]
     assert not list(_private_reaches(ast.parse("class A:\n    def f(self):\n        return self._x\n")))
     # A class of the same module may use a sibling's private attribute; another module may not.
-    sibling = "class A:\n    def __init__(self):\n        self._x = 1\nclass B:\n    def f(self, a):\n        return a._x\n"
+    sibling = ("class A:\n    def __init__(self):\n        self._x = 1\n"
+               "class B:\n    def f(self, a):\n        return a._x\n")
     assert not list(_private_reaches(ast.parse(sibling)))
+
+
+# --- the tests themselves: shared fixtures and helpers live in conftest.py or helper modules
+TEST_DIRS = (ROOT / "tests", ROOT / "tests_vllm")
+
+
+def _test_module_imports(package: str, tree: ast.Module) -> Iterator[tuple[int, str]]:
+    # `package.conftest` as the module name makes `from .x import y` resolve inside `package`.
+    for line, target in _imports(f"{package}.conftest", tree):
+        if target.split(".")[0] in {d.name for d in TEST_DIRS} and target.rsplit(".", 1)[-1].startswith("test_"):
+            yield line, target
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {target}"
+                 for directory in TEST_DIRS for path in sorted(directory.rglob("*.py"))
+                 for line, target in _test_module_imports(directory.name, ast.parse(path.read_text(), str(path)))]
+    assert not offenders, ("fixtures and helpers shared between test modules belong in conftest.py or a helper "
+                           "module (tests/api_helpers.py, tests/runtimes.py, ...):\n" + "\n".join(offenders))
+
+
+def test_the_test_import_checker_sees_each_form() -> None:
+    for source in ("from tests.test_batch_api import submit", "from .test_files import sdk",
+                   "from tests import test_supervisor_docker as d", "import tests.test_evals",
+                   "def f():\n    from tests.test_x import y"):
+        assert list(_test_module_imports("tests", ast.parse(source))), source
+    for source in ("from tests.conftest import auth", "from tests.api_helpers import submit", "import pytest",
+                   "from aiohttp.test_utils import TestClient"):
+        assert not list(_test_module_imports("tests", ast.parse(source))), source

@@ -21,15 +21,15 @@ from tests.conftest import (
     KEY_IDS,
     REALTIME_MODEL,
     REDIS_URL,
-    TOKENS,
     auth,
     eventually,
     free_port,
+    sdk,
+    sdk_at,
     start_simulator,
     wait_http,
     wait_ready,
 )
-from tests.test_files import _CLIENTS, _close_sdk_clients, sdk  # noqa: F401 (an autouse fixture)
 
 CHAT = "/v1/chat/completions"
 
@@ -375,8 +375,7 @@ async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, re
     proc, base = serve()
     try:
         n = 300
-        api = AsyncOpenAI(base_url=base + "/v1", api_key=TOKENS["batch"], max_retries=0)
-        _CLIENTS.append(api)
+        api = sdk_at(base + "/v1", "batch")
         batch = await run_batch(api, jsonl([line(f"k{i}") for i in range(n)]))
 
         async def mid_way() -> bool:
@@ -388,8 +387,7 @@ async def test_sigkill_mid_batch_loses_no_line(tmp_path: Any, keys_file: Any, re
         proc.wait(10)
 
         proc, base = serve()
-        api = AsyncOpenAI(base_url=base + "/v1", api_key=TOKENS["batch"], max_retries=0)
-        _CLIENTS.append(api)
+        api = sdk_at(base + "/v1", "batch")
         done = await wait_batch(api, batch.id, {"completed", "failed"}, timeout=90)
         assert done.status == "completed"
         assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (n, n, 0)

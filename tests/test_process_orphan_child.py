@@ -17,7 +17,7 @@ from pathlib import Path
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.settings import Settings
 from tests.conftest import eventually
-from tests.test_supervisor_process import alive, proc_settings, process_pid, supervisors  # noqa: F401
+from tests.runtimes import alive, process_pid
 
 # sh starts a long-lived child that inherits stdout (as vLLM's EngineCore does), then becomes the simulator.
 COMMAND = f"sh -c 'sleep 300 & exec \"$0\" -m gateway.simulator \"$@\"' {shlex.quote(sys.executable)}"
@@ -29,8 +29,8 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-async def test_leader_killed_while_a_child_holds_the_pipe(proc_settings: Callable[..., Settings],  # noqa: F811
-                                                          supervisors: Callable[..., RuntimeSupervisor],  # noqa: F811
+async def test_leader_killed_while_a_child_holds_the_pipe(proc_settings: Callable[..., Settings],
+                                                          supervisors: Callable[..., RuntimeSupervisor],
                                                           ) -> None:
     sup = supervisors(proc_settings(runtime_command=COMMAND))
     await sup.start()

@@ -18,6 +18,11 @@ from gateway.http.appkeys import ACCOUNTANT
 from tests.conftest import KEY_IDS, REALTIME_MODEL, auth, eventually, free_port, wait_ready
 
 
+def _sample(name: str) -> float:
+    """A counter's current value, read through the registry (0 before its first increment)."""
+    return metrics.REGISTRY.get_sample_value(name) or 0.0
+
+
 class PrivateRedis:
     """A redis-server of the test's own, so the test can stop and restart it."""
 
@@ -76,13 +81,13 @@ async def test_realtime_survives_redis_outage_and_usage_is_flushed(aiohttp_clien
     await send(2)
     await eventually(lambda: accountant.buffered == 0)
     private_redis.stop()
-    failures_before = metrics.USAGE_FLUSH_FAILURES._value.get()
+    failures_before = _sample("llm_gateway_usage_flush_failures_total")
     await send(5)
     await send(3, stream=True)
     assert accountant.buffered == 8
     ready = await client.get("/ready")
     assert ready.status == 503 and (await ready.json())["redis"] == "down"
-    await eventually(lambda: metrics.USAGE_FLUSH_FAILURES._value.get() > failures_before)
+    await eventually(lambda: _sample("llm_gateway_usage_flush_failures_total") > failures_before)
     private_redis.start()
     await eventually(lambda: accountant.buffered == 0, timeout=20)
     stored = redis_sync.Redis.from_url(private_redis.url, decode_responses=True).hgetall(
@@ -95,10 +100,10 @@ async def test_realtime_survives_redis_outage_and_usage_is_flushed(aiohttp_clien
 async def test_buffer_is_bounded_and_drops_are_counted(aiohttp_client: Any, make_settings: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(redis_url="redis://127.0.0.1:1/0", usage_buffer_max=3)))
     await wait_ready(client.app)
-    dropped_before = metrics.USAGE_EVENTS_DROPPED._value.get()
+    dropped_before = _sample("llm_gateway_usage_events_dropped_total")
     for _ in range(5):
         resp = await client.post("/v1/completions", headers=auth("realtime"),
                                  json={"model": REALTIME_MODEL, "prompt": "x", "max_tokens": 1})
         assert resp.status == 200
     assert client.app[ACCOUNTANT].buffered == 3
-    assert metrics.USAGE_EVENTS_DROPPED._value.get() - dropped_before == 2
+    assert _sample("llm_gateway_usage_events_dropped_total") - dropped_before == 2

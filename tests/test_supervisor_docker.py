@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import aiodocker
 import aiohttp
 import pytest
 
@@ -16,75 +12,11 @@ from gateway.actors.supervisor import RuntimeState, RuntimeSupervisor
 from gateway.backends import make_backend
 from gateway.backends.docker import HF_MOUNT, LABEL_CONFIG, LABEL_MANAGED, LABEL_MODEL, DockerBackend, build_config
 from gateway.settings import Settings
-from tests.conftest import REALTIME_MODEL, ROOT
+from tests.conftest import REALTIME_MODEL
 from tests.polling import wait_for_state
+from tests.runtimes import inspect
 
 pytestmark = pytest.mark.docker
-
-IMAGE = "llm-gateway-simulator:test"
-
-
-def _image_exists() -> bool:
-    return subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def simulator_image() -> str:
-    """The simulator image, built by scripts/build-test-images.sh when missing."""
-    if not _image_exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "build-test-images.sh")], check=True, timeout=1800)
-    assert _image_exists(), f"{IMAGE} is missing and scripts/build-test-images.sh did not build it"
-    return IMAGE
-
-
-@pytest.fixture
-def container_name() -> Iterator[str]:
-    """A unique container name; the container is force-removed after the test whatever happened."""
-    name = f"llmgw-test-{uuid.uuid4().hex[:10]}"
-    yield name
-    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-
-
-@pytest.fixture
-def docker_settings(make_settings: Callable[..., Settings], simulator_image: str,
-                    container_name: str) -> Callable[..., Settings]:
-    """Settings for the docker backend running the simulator image."""
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"runtime_backend": "docker", "runtime_image": simulator_image,
-                                  "runtime_container_name": container_name, "runtime_start_timeout": 60,
-                                  "runtime_stop_timeout": 3}
-        values.update(overrides)
-        return make_settings(**values)
-
-    return build
-
-
-@pytest.fixture
-async def supervisors() -> AsyncIterator[Callable[..., RuntimeSupervisor]]:
-    """Build supervisors that are stopped after the test."""
-    made: list[RuntimeSupervisor] = []
-
-    def build(settings: Settings, **kwargs: Any) -> RuntimeSupervisor:
-        sup = RuntimeSupervisor(settings, **kwargs)
-        made.append(sup)
-        return sup
-
-    yield build
-    for sup in made:
-        await sup.stop()
-
-
-async def inspect(name: str) -> dict[str, Any] | None:
-    """`docker inspect` of a container, None when it does not exist."""
-    async with aiodocker.Docker() as docker:
-        try:
-            return await (await docker.containers.get(name)).show()
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                return None
-            raise
-
 
 # --- the create config (no container started)
 

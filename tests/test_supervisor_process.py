@@ -8,9 +8,8 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -24,6 +23,7 @@ from gateway.backends.process import ProcessBackend
 from gateway.settings import Settings
 from tests.conftest import REALTIME_MODEL, free_port, start_simulator
 from tests.polling import wait_for_state
+from tests.runtimes import alive, process_pid
 
 Factory = Callable[..., RuntimeSupervisor]
 
@@ -33,56 +33,11 @@ def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def alive(pid: int) -> bool:
-    """True while `pid` runs (zombies count as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 async def models_served(base_url: str) -> list[str]:
     """Ids that the runtime at `base_url` lists under /v1/models."""
     async with aiohttp.ClientSession() as session, session.get(base_url + "/v1/models") as resp:
         body = orjson.loads(await resp.read())
     return [m["id"] for m in body["data"]]
-
-
-def process_pid(sup: RuntimeSupervisor) -> int:
-    """Pid of the runtime the supervisor's process backend runs."""
-    assert isinstance(sup.backend, ProcessBackend)
-    pid = sup.backend.pid
-    assert pid is not None
-    return pid
-
-
-@pytest.fixture
-def proc_settings(make_settings: Callable[..., Settings], tmp_path: Path) -> Callable[..., Settings]:
-    """Settings for the process backend running the simulator, with a private pid file."""
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"runtime_backend": "process", "runtime_pid_file": str(tmp_path / "runtime.pid"),
-                                  "runtime_start_timeout": 30, "runtime_stop_timeout": 5}
-        values.update(overrides)
-        return make_settings(**values)
-
-    return build
-
-
-@pytest.fixture
-async def supervisors() -> AsyncIterator[Factory]:
-    """Build supervisors that are stopped after the test, whatever happened."""
-    made: list[RuntimeSupervisor] = []
-
-    def build(settings: Settings, **kwargs: Any) -> RuntimeSupervisor:
-        sup = RuntimeSupervisor(settings, **kwargs)
-        made.append(sup)
-        return sup
-
-    yield build
-    for sup in made:
-        await sup.stop()
 
 
 async def test_start_reaches_ready_with_the_realtime_model(proc_settings: Callable[..., Settings],

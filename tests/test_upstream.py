@@ -19,7 +19,8 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     return head + await reader.readexactly(length)
 
 
@@ -228,7 +229,7 @@ async def test_slow_client_pauses_reading_from_the_runtime(aiohttp_client: Any, 
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     try:
         client = await aiohttp_client(create_app(make_settings(runtime_url=f"http://127.0.0.1:{port}")))
         await wait_ready(client.app)
@@ -265,6 +266,6 @@ async def test_idle_connections_are_closed_after_a_while(monkeypatch: pytest.Mon
         async with RawServer(handler) as url:
             await pool.request(url, "/x", b"{}", {}, until="body")
             await asyncio.wait_for(closed.wait(), 5)
-        assert not pool._idle
+        assert pool.idle_connections == 0
     finally:
         pool.close()

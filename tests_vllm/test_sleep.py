@@ -127,7 +127,7 @@ async def _sleep_mode_scenario(other: Gateway) -> None:
     seen: dict[str, Any] = {}
 
     def group_running() -> bool:
-        batch_runtime = dispatcher._batch_runtime
+        batch_runtime = dispatcher.batch_runtime
         if dispatcher.group != OTHER_MODEL or batch_runtime is None:
             return False
         seen.update(state=supervisor.snapshot.state, batch=batch_runtime.snapshot)
@@ -149,7 +149,7 @@ async def _sleep_mode_scenario(other: Gateway) -> None:
     assert supervisor.snapshot.model == REALTIME_MODEL
     assert supervisor.backend.pid == realtime_pid  # type: ignore[attr-defined]
     assert not await is_sleeping(other, realtime_url)
-    assert dispatcher._batch_runtime is None
+    assert dispatcher.batch_runtime is None
     swaps = dispatcher.swaps
     assert [s["reason"] for s in swaps] == ["batch_group", "realtime_wanted", "batch_group", "group_done"]
     assert all(s["mode"] == "sleep" and s["error"] is None for s in swaps), swaps

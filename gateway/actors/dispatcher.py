@@ -14,7 +14,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Never
 
 import orjson
 from redis.exceptions import RedisError
@@ -34,6 +35,7 @@ from gateway.batch.coserve import (
 )
 from gateway.batch.jobs import PRIORITY_MAX, JobStatus
 from gateway.batch.queue import HeldJob, JobQueue, instance_id
+from gateway.redis_codec import text
 from gateway.settings import RuntimeBackend, Settings
 from gateway.upstream import UpstreamError, UpstreamPool
 
@@ -76,14 +78,17 @@ class _Running:
     sending: bool = False  # holds a slot (False: claimed ahead, waiting for one)
 
 
-class BatchDispatcher(Actor):
+class BatchDispatcher(Actor[Never]):
     """Pulls jobs from the shared Redis queue and runs at most MAX_CONCURRENT_BATCH of them at a time."""
 
     name = "batch_dispatcher"
 
     def __init__(self, settings: Settings, queue: JobQueue, supervisor: RuntimeSupervisor,
-                 activity: RealtimeActivity, accountant: UsageAccountant | None = None) -> None:
+                 activity: RealtimeActivity, accountant: UsageAccountant | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self.clock = clock
+        """Monotonic seconds for scheduling decisions: idle windows, residency (injectable for unit tests)."""
         self.settings = settings
         self.queue = queue
         self.supervisor = supervisor
@@ -136,6 +141,11 @@ class BatchDispatcher(Actor):
         self._account()
         return self._busy_seconds
 
+    @property
+    def batch_runtime(self) -> RuntimeSupervisor | None:
+        """The runtime started for a batch group beside the sleeping realtime one (sleep mode), else None."""
+        return self._batch_runtime
+
     def status(self) -> DispatcherStatus:
         """A snapshot of the jobs held here and the current group (never awaits)."""
         return DispatcherStatus(frozenset(self.inflight), self.active, self.group, self.slots, self.limit,
@@ -179,7 +189,7 @@ class BatchDispatcher(Actor):
                     control.cancel()
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _schedule_loop(self) -> None:
         while not self.stopping:
@@ -191,11 +201,18 @@ class BatchDispatcher(Actor):
             except RedisError as exc:
                 self.log.warning("batch_redis_error", error=str(exc))
                 timeout = 1.0
-            if self.stopping:
-                return
+            if self.stopping:  # set by stop() while _schedule() awaited
+                return  # type: ignore[unreachable]
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def step(self) -> float:
+        """One scheduling decision (what the loop does each time it wakes): claim, swap, or leave a group.
+
+        Returns how long the loop waits for a wake-up before the next step. Unit tests drive it directly.
+        """
+        return await self._schedule()
 
     async def _schedule(self) -> float:
         """One scheduling step; returns how long to wait for a wake-up before the next one."""
@@ -214,7 +231,7 @@ class BatchDispatcher(Actor):
             return 0
         if snap.ready and snap.model == realtime and self.activity.wanted.is_set():
             self.activity.wanted.clear()
-        now = time.monotonic()
+        now = self.clock()
         if self._draining_for is None and now >= self._next_swap_check:
             self._next_swap_check = now + min(0.5, self.settings.batch_poll_interval)
             self._draining_for = await self._pick_group()
@@ -266,7 +283,7 @@ class BatchDispatcher(Actor):
         """
         if self.activity.last_request_at <= self._realtime_since:
             return 0.0
-        return max(0.0, self._realtime_since + self.settings.realtime_min_residency_seconds - time.monotonic())
+        return max(0.0, self._realtime_since + self.settings.realtime_min_residency_seconds - self.clock())
 
     # --- why queued jobs wait (published to Redis for the job API, the dashboard and the CLI)
     def waiting_reason(self, model: str, heads: dict[str, float]) -> dict[str, Any]:
@@ -276,7 +293,7 @@ class BatchDispatcher(Actor):
         """
         settings = self.settings
         realtime = settings.realtime_model
-        now, mono = time.time(), time.monotonic()
+        now, mono = time.time(), self.clock()
 
         def reason(code: str, message: str, in_seconds: float | None = None) -> dict[str, Any]:
             until = round(now + in_seconds, 3) if in_seconds is not None else None
@@ -328,7 +345,7 @@ class BatchDispatcher(Actor):
             await self.queue.set_waiting_reasons(self.owner, {m: self.waiting_reason(m, heads) for m in heads})
 
     async def _schedule_group(self, model: str) -> float:
-        now = time.monotonic()
+        now = self.clock()
         if self.activity.wanted.is_set() or self.stopping:
             if self._grace_deadline is None:
                 self._grace_deadline = now + self.settings.swap_grace_seconds
@@ -370,7 +387,7 @@ class BatchDispatcher(Actor):
     # --- swaps
     def _enter_group_state(self, model: str) -> None:
         self.group = model
-        self._group_started = time.monotonic()
+        self._group_started = self.clock()
         self._grace_deadline = None
         self._draining_for = None
 
@@ -465,7 +482,7 @@ class BatchDispatcher(Actor):
             # activity so the idle clock does not send the runtime straight back to the batch model.
             self.activity.want_realtime()
         self.activity.wanted.clear()
-        self._realtime_since = time.monotonic()
+        self._realtime_since = self.clock()
 
     def _record_swap(self, reason: str, model: str, started: float, error: str | None) -> None:
         seconds = time.monotonic() - started
@@ -498,7 +515,7 @@ class BatchDispatcher(Actor):
             running = _Running(job)
             self.inflight[job.id] = running
             running.task = asyncio.create_task(self._run_job(running), name=f"batch:{job.id}")
-            running.task.add_done_callback(lambda t, job_id=job.id: self._job_done(job_id, t))
+            running.task.add_done_callback(partial(self._job_done, job.id))
             metrics.BATCH_JOBS.labels("started").inc()
             if job.id in self._cancel_seen:
                 self._cancel_seen.discard(job.id)
@@ -537,8 +554,10 @@ class BatchDispatcher(Actor):
             raise
         except Exception as exc:
             self.log.exception("batch_job_error", job_id=job.id)
-            with contextlib.suppress(Exception):
+            try:
                 await self.queue.requeue(job, f"internal_error: {exc}", count_attempt=True)
+            except Exception as requeue_exc:  # the lease runs out and the reaper repairs it
+                self.log.warning("batch_requeue_failed", job_id=job.id, error=str(requeue_exc))
 
     @contextlib.asynccontextmanager
     async def _slot(self, running: _Running) -> AsyncIterator[Callable[[], None]]:
@@ -694,14 +713,14 @@ class BatchDispatcher(Actor):
 
     async def _crash_after(self, model: str, before: RuntimeSnapshot, wait: float) -> str | None:
         """The crash log if the runtime crashed since `before` (waits briefly for the supervisor to see it)."""
-        deadline = time.monotonic() + wait
+        deadline = self.clock() + wait
         supervisor = self._supervisor_for(model)
         while True:
             snap = supervisor.snapshot
             crash_log = _crash_between(before, snap)
-            if crash_log is not None or time.monotonic() >= deadline:
+            if crash_log is not None or self.clock() >= deadline:
                 return crash_log
-            await supervisor.wait_changed(max(0.01, deadline - time.monotonic()), since=snap)
+            await supervisor.wait_changed(max(0.01, deadline - self.clock()), since=snap)
 
     def _usage(self, job: HeldJob, ok: bool, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         if self.accountant is not None:
@@ -763,7 +782,7 @@ class BatchDispatcher(Actor):
             if message is None:
                 continue
             if message.get("channel") == cancel_channel:
-                job_id = message["data"].decode()
+                job_id = text(message["data"])
                 running = self.inflight.get(job_id)
                 if running is None:
                     # The job may be between its claim and its task here; a few ids are kept for that.

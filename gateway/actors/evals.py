@@ -33,6 +33,7 @@ from gateway.evals.euroeval import EuroEvalFailed, build_args, run_euroeval
 from gateway.evals.evalrepo import EvalRepo, EvalRepoError
 from gateway.evals.runs import FINAL_STATUSES, Harness, RunSpec, RunStatus, RunStore, run_view
 from gateway.keys import ApiKey, Keyring, Scope
+from gateway.redis_codec import as_bytes, hash_fields, opt_text, text_hash, texts
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -48,10 +49,6 @@ class _Start:
 @dataclass(frozen=True, slots=True)
 class _Cancel:
     run_id: str
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class EvalRunner(Actor[_Start | _Cancel]):
@@ -106,8 +103,8 @@ class EvalRunner(Actor[_Start | _Cancel]):
         if run.get("status") in FINAL_STATUSES:
             return f"already:{run['status']}", run
         # Read the jobs before finishing: finishing drops the run's working data.
-        jobs = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.keys.eval_run_jobs(run_id))).items()}
-        answered = {k.decode() for k in await self.redis.hkeys(self.keys.eval_run_answers(run_id))}
+        jobs = text_hash(await self.redis.hgetall(self.keys.eval_run_jobs(run_id)))
+        answered = set(texts(await self.redis.hkeys(self.keys.eval_run_answers(run_id))))
         if not await self.store.finish(run_id, RunStatus.CANCELLED, {}):
             run = await self.store.get(run_id)
             return (f"already:{run['status']}", run) if run else ("missing", None)
@@ -268,7 +265,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
     async def _drive_eval_repo(self, run: dict[str, str], spec: RunSpec) -> None:
         run_id, key_id = run["id"], run["key_id"]
         assert spec.eval is not None
-        raw_requests: list[bytes] = await self.redis.lrange(self.keys.eval_run_requests(run_id), 0, -1)
+        raw_requests = [as_bytes(x) for x in await self.redis.lrange(self.keys.eval_run_requests(run_id), 0, -1)]
         if not raw_requests:
             if await self.store.update(run_id, {"status": RunStatus.PREPARING.value,
                                                 "started_at": run.get("started_at") or repr(time.time())}) != "ok":
@@ -290,8 +287,8 @@ class EvalRunner(Actor[_Start | _Cancel]):
             await self._drop_working_data(run_id)
             return
         requests = [orjson.loads(line) for line in raw_requests]
-        jobs = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.keys.eval_run_jobs(run_id))).items()}
-        answered = {k.decode() for k in await self.redis.hkeys(self.keys.eval_run_answers(run_id))}
+        jobs = text_hash(await self.redis.hgetall(self.keys.eval_run_jobs(run_id)))
+        answered = set(texts(await self.redis.hkeys(self.keys.eval_run_answers(run_id))))
         outstanding = {sid: job for sid, job in jobs.items() if sid not in answered}
         to_send = deque(r for r in requests if r["id"] not in jobs and r["id"] not in answered)
         wake = self._wake.setdefault(run_id, asyncio.Event())
@@ -318,7 +315,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
         if await self.store.update(run_id, {"status": RunStatus.SCORING.value}) != "ok":
             await self._drop_working_data(run_id)
             return
-        lines = await self.redis.hvals(self.keys.eval_run_answers(run_id))
+        lines = [as_bytes(x) for x in await self.redis.hvals(self.keys.eval_run_answers(run_id))]
         try:
             result = await self.repo.score(spec.eval, spec.options, lines)
         except EvalRepoError as exc:
@@ -363,7 +360,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
         rows = await pipe.execute()
         answers: dict[str, bytes] = {}
         for (sample, job_id), (raw_status, response, error) in zip(items, rows, strict=True):
-            status = _text(raw_status)
+            status = opt_text(raw_status)
             line: dict[str, Any]
             if status is None:
                 line = {"id": sample, "error": f"batch job {job_id} disappeared (expired or deleted) before it "
@@ -374,7 +371,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
                 except orjson.JSONDecodeError:
                     line = {"id": sample, "response": (response or b"").decode(errors="replace")}
             elif status == "failed":
-                line = {"id": sample, "error": _text(error) or f"batch job {job_id} failed"}
+                line = {"id": sample, "error": opt_text(error) or f"batch job {job_id} failed"}
             elif status == "cancelled":
                 line = {"id": sample, "error": f"batch job {job_id} was cancelled"}
             else:
@@ -382,7 +379,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             answers[sample] = orjson.dumps(line)
             metrics.EVAL_SAMPLES.labels("answered" if "response" in line else "failed").inc()
         if answers:
-            await self.redis.hset(self.keys.eval_run_answers(run_id), mapping=answers)
+            await self.redis.hset(self.keys.eval_run_answers(run_id), mapping=hash_fields(answers))
             for sample in answers:
                 self._job_runs.pop(outstanding.pop(sample), None)
         return len(answers)

@@ -140,8 +140,10 @@ class RuntimeSupervisor(Actor[_Message]):
     history_size = 200
 
     def __init__(self, settings: Settings, backend: RuntimeBackend | None = None, *,
-                 role: str = "realtime") -> None:
+                 role: str = "realtime", clock: Callable[[], float] = time.monotonic) -> None:
         self.role = role
+        self.clock = clock
+        """Monotonic seconds for the restart backoff (injectable: unit tests drive it by hand)."""
         if role != "realtime":
             self.name = f"{role}_runtime"
         super().__init__()
@@ -396,7 +398,7 @@ class RuntimeSupervisor(Actor[_Message]):
 
     def _wake_in(self) -> float | None:
         if self._op is None and self._retry_at is not None and self._desired is not None:
-            return max(0.0, self._retry_at - time.monotonic())
+            return max(0.0, self._retry_at - self.clock())
         return None
 
     def _apply(self, message: _Message) -> None:
@@ -440,7 +442,7 @@ class RuntimeSupervisor(Actor[_Message]):
             self._restart_requested = False
             self._retry_at = None
         elif self._retry_at is not None:
-            if time.monotonic() < self._retry_at:
+            if self.clock() < self._retry_at:
                 return
             self._retry_at = None
         if self._after_failure:
@@ -469,7 +471,7 @@ class RuntimeSupervisor(Actor[_Message]):
         if exc is not None:
             # A bug, not a runtime failure: retry later rather than spin.
             self.log.error("runtime_attempt_crashed", exc_info=exc)
-            self._retry_at = time.monotonic() + self._backoff
+            self._retry_at = self.clock() + self._backoff
             self._backoff = min(self._backoff * 2, self.settings.runtime_restart_backoff_max)
 
     async def _cancel_op(self) -> None:
@@ -531,12 +533,12 @@ class RuntimeSupervisor(Actor[_Message]):
                 self._set(state=RuntimeState.READY, model=model, base_url=url, ready_eta=None)
                 self.log.info("runtime_ready", model=model, base_url=url, adopted=adopted,
                               start_seconds=round(duration, 2))
-                ready_at = time.monotonic()
+                ready_at = self.clock()
                 try:
                     info = await exit_task
                 except Exception as exc:
                     info = ExitInfo("exit", None, f"lost track of the runtime: {exc}")
-                if time.monotonic() - ready_at >= self.backoff_reset_after:
+                if self.clock() - ready_at >= self.backoff_reset_after:
                     self._backoff = self.backoff_initial
                 await self._fail(model, info.reason, f"the runtime serving {model} {info.describe()}")
             finally:
@@ -599,7 +601,7 @@ class RuntimeSupervisor(Actor[_Message]):
         self._active = False
         delay = self._backoff
         self._backoff = min(delay * 2, self.settings.runtime_restart_backoff_max)
-        self._retry_at = time.monotonic() + delay
+        self._retry_at = self.clock() + delay
         self._after_failure = True
         self.log.error("runtime_failed", model=model, reason=reason, error=detail, crash_log=path,
                        retry_in=delay)

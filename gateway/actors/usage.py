@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Never
 
 from redis.exceptions import RedisError
 
@@ -26,7 +27,7 @@ class UsageEvent:
     at: float = field(default_factory=time.time)
 
 
-class UsageAccountant(Actor):
+class UsageAccountant(Actor[Never]):
     """Aggregates usage events in memory and writes them to Redis in one pipeline per flush.
 
     `record()` never awaits and never fails: the proxy calls it with `put_nowait` semantics. While Redis

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import bad_request
+from gateway.redis_codec import RawHash, text_hash
 
 PRIORITY_MIN = 0
 PRIORITY_MAX = 9
@@ -117,9 +118,9 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
+def decode_hash(raw: RawHash) -> dict[str, str]:
     """A job hash as read with decode_responses=False, with text keys and values."""
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return text_hash(raw)
 
 
 def _float(value: str | None) -> float | None:

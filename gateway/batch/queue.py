@@ -11,13 +11,14 @@ lease reaper repairs (it reads the job hash to decide what an expired lease mean
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -25,6 +26,7 @@ from redis.asyncio import Redis
 
 from gateway import metrics
 from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN, JobStatus, Submission, decode_hash, new_job_id
+from gateway.redis_codec import opt_text, stream_entries, text, texts, xread_entries
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -218,10 +220,6 @@ def priority_from_entry(job_id: str, score: float, aging_seconds: float) -> str 
     return str(priority)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass(slots=True)
 class ListPage:
     """One page of a key's jobs, newest first."""
@@ -234,7 +232,7 @@ def _pairs(values: Sequence[Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i in range(0, len(values) - 1, 2):
         k, v = values[i], values[i + 1]
-        out[k.decode() if isinstance(k, bytes) else str(k)] = v.decode() if isinstance(v, bytes) else str(v)
+        out[text(k)] = text(v)
     return out
 
 
@@ -289,7 +287,7 @@ class JobQueue:
         if key_id is not None:
             owners = [key_id]
         else:
-            owners = sorted(_text(k) for k in await self.redis.smembers(self.keys.job_owners))
+            owners = sorted(text(k) for k in await self.redis.smembers(self.keys.job_owners))
         indexes = [self.keys.job_index(owner) for owner in owners]
         upper = f"({after}" if after else "+"
         found: list[dict[str, str]] = []
@@ -303,7 +301,7 @@ class JobQueue:
             source: dict[str, str] = {}
             for index, ids in zip(indexes, await pipe.execute(), strict=True):
                 for raw_id in ids:
-                    source[_text(raw_id)] = index
+                    source[text(raw_id)] = index
             candidates = sorted(source, reverse=True)[:batch]
             if not candidates:
                 return ListPage(found, None)
@@ -317,7 +315,7 @@ class JobQueue:
                 if row[0] is None:
                     gone.setdefault(source[job_id], []).append(job_id)  # expired after its TTL
                     continue
-                job = {f: _text(v) for f, v in zip(LISTED_FIELDS, row, strict=True) if v is not None}
+                job = {f: text(v) for f, v in zip(LISTED_FIELDS, row, strict=True) if v is not None}
                 if (status is None or job.get("status") == status) and (model is None or job.get("model") == model):
                     found.append(job)
                     if len(found) == limit:
@@ -339,21 +337,21 @@ class JobQueue:
         more = any(await pipe.execute())
         return ListPage(found, last_seen if more else None)
 
-    async def owners(self) -> list[str]:
+    async def owners(self) -> builtins.list[str]:
         """Key ids that have submitted jobs (from the owners index, never a SCAN)."""
-        return sorted(_text(k) for k in await self.redis.smembers(self.keys.job_owners))
+        return sorted(texts(await self.redis.smembers(self.keys.job_owners)))
 
     async def cancel(self, job_id: str, key_id: str) -> tuple[str, dict[str, str] | None]:
         """Cancel a queued or running job: ('cancelled', job), ('already:<status>', job) or ('missing', None)."""
         now = time.time()
         result = await self._cancel(keys=[self.keys.job(job_id)],
                                     args=[repr(now), self.settings.batch_job_ttl_seconds, key_id])
-        outcome = result[0].decode()
+        outcome = text(result[0])
         if outcome == "missing":
             return outcome, None
         if outcome == "done":
             outcome = "cancelled"
-            previous, model = result[1].decode(), result[2].decode()
+            previous, model = text(result[1]), text(result[2])
             pipe = self.redis.pipeline(transaction=False)
             if previous == JobStatus.QUEUED:
                 pipe.zrem(self.keys.batch_ready(model), job_id)
@@ -369,7 +367,7 @@ class JobQueue:
             metrics.BATCH_JOBS.labels("cancelled").inc()
         return outcome, job
 
-    def enqueue_many(self, pipe: Any, key_id: str, submissions: Sequence[Submission]) -> list[dict[str, str]]:
+    def enqueue_many(self, pipe: Any, key_id: str, submissions: Sequence[Submission]) -> builtins.list[dict[str, str]]:
         """Add the commands that store and queue new jobs to `pipe`; the caller executes it.
 
         For callers that enqueue many jobs at once and want them in the same MULTI/EXEC as their own
@@ -421,7 +419,7 @@ class JobQueue:
                     continue
                 done.append(job_id)
                 if result[1] == JobStatus.QUEUED.value.encode():
-                    after.zrem(self.keys.batch_ready(result[2].decode()), job_id)
+                    after.zrem(self.keys.batch_ready(text(result[2])), job_id)
                 else:
                     after.publish(self.keys.batch_cancel, job_id)
                 after.hgetall(self.keys.job(job_id))
@@ -443,10 +441,10 @@ class JobQueue:
         Returns 'requeued', 'missing', or the status that prevented it (only failed jobs are requeued).
         """
         result = await self._requeue_failed(keys=[self.keys.job(job_id)], args=[repr(time.time()), reason])
-        outcome = result[0].decode()
+        outcome = text(result[0])
         if outcome != "requeued":
             return outcome
-        model, score = result[1].decode(), float(result[2])
+        model, score = text(result[1]), float(result[2])
         # As in enqueue, the hash says queued before the id becomes claimable.
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.batch_ready(model), {job_id: score})
@@ -462,7 +460,7 @@ class JobQueue:
     # --- dispatcher side
     async def ready_heads(self) -> dict[str, float]:
         """Model -> score of its most urgent queued job, for every model with queued work."""
-        models = [m.decode() for m in await self.redis.smembers(self.keys.batch_models)]
+        models = texts(await self.redis.smembers(self.keys.batch_models))
         if not models:
             return {}
         pipe = self.redis.pipeline(transaction=False)
@@ -476,7 +474,7 @@ class JobQueue:
 
     async def queued_count(self) -> int:
         """Jobs queued over all models."""
-        models = [m.decode() for m in await self.redis.smembers(self.keys.batch_models)]
+        models = texts(await self.redis.smembers(self.keys.batch_models))
         if not models:
             return 0
         pipe = self.redis.pipeline(transaction=False)
@@ -490,7 +488,7 @@ class JobQueue:
         A queued job's priority is read from its ready-set entry (see `priority_from_entry`), so this is
         one ZCARD and one ZRANGE per model, never a read per job.
         """
-        models = sorted(_text(m) for m in await self.redis.smembers(self.keys.batch_models))
+        models = sorted(text(m) for m in await self.redis.smembers(self.keys.batch_models))
         pipe = self.redis.pipeline(transaction=False)
         for model in models:
             pipe.zcard(self.keys.batch_ready(model))
@@ -506,7 +504,7 @@ class JobQueue:
             by_model[model] = count
             tally: dict[str, int] = {}
             for raw_id, score in head:
-                p = priority_from_entry(_text(raw_id), float(score), aging) or "unknown"
+                p = priority_from_entry(text(raw_id), float(score), aging) or "unknown"
                 tally[p] = tally.get(p, 0) + 1
             if count > len(head):  # past the sampled head, or enqueued between the two reads
                 tally["unknown"] = tally.get("unknown", 0) + count - len(head)
@@ -547,28 +545,26 @@ class JobQueue:
         """Jobs leased by any gateway right now."""
         return int(await self.redis.zcard(self.keys.batch_leases))
 
-    async def recent_events(self, count: int) -> list[JobEvent]:
+    async def recent_events(self, count: int) -> builtins.list[JobEvent]:
         """The newest `count` entries of the job event stream, newest first."""
         entries = await self.redis.xrevrange(self.keys.job_events, count=count)
-        return [JobEvent(_text(entry_id), {_text(k): _text(v) for k, v in raw.items()})
-                for entry_id, raw in entries or []]
+        return [JobEvent(entry_id, fields) for entry_id, fields in stream_entries(entries)]
 
     async def latest_event_id(self) -> str:
         """The id of the newest event ("0-0" when the stream is empty): where a new follower starts."""
         newest = await self.redis.xrevrange(self.keys.job_events, count=1)
-        return _text(newest[0][0]) if newest else "0-0"
+        return stream_entries(newest)[0][0] if newest else "0-0"
 
-    async def read_events(self, after: str, count: int, block_ms: int) -> list[JobEvent]:
+    async def read_events(self, after: str, count: int, block_ms: int) -> builtins.list[JobEvent]:
         """Events after id `after`, oldest first, waiting up to `block_ms` for the first one."""
         reply = await self.redis.xread({self.keys.job_events: after}, count=count, block=block_ms)
-        return [JobEvent(_text(entry_id), {_text(k): _text(v) for k, v in raw.items()})
-                for _, entries in reply or () for entry_id, raw in entries]
+        return [JobEvent(entry_id, fields) for entry_id, fields in xread_entries(reply)]
 
-    async def events_of(self, job_id: str, scan: int) -> list[JobEvent]:
+    async def events_of(self, job_id: str, scan: int) -> builtins.list[JobEvent]:
         """This job's entries among the newest `scan` events of the stream, oldest first."""
         return [e for e in reversed(await self.recent_events(scan)) if e.fields.get("job_id") == job_id]
 
-    async def claim(self, model: str, n: int, owner: str) -> list[HeldJob]:
+    async def claim(self, model: str, n: int, owner: str) -> builtins.list[HeldJob]:
         """Lease up to n queued jobs of `model` and mark them running; jobs that cannot start are settled."""
         deadline = self._lease_deadline()
         raw = await self._claim(keys=[self.keys.batch_ready(model), self.keys.batch_leases,
@@ -577,7 +573,7 @@ class JobQueue:
                                 args=[n, deadline, owner, model])
         if not raw:
             return []
-        claimed = [(raw[i].decode(), raw[i + 1].decode(), float(raw[i + 2])) for i in range(0, len(raw), 3)]
+        claimed = [(text(raw[i]), text(raw[i + 1]), float(raw[i + 2])) for i in range(0, len(raw), 3)]
         now = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
         for job_id, token, _ in claimed:
@@ -588,7 +584,7 @@ class JobQueue:
         held: list[HeldJob] = []
         settle = self.redis.pipeline(transaction=False)
         for (job_id, token, score), result in zip(claimed, results, strict=True):
-            outcome = result[0].decode()
+            outcome = text(result[0])
             if outcome == "running":
                 job = HeldJob(job_id, token, score, _pairs(result[1]))
                 held.append(job)
@@ -669,7 +665,7 @@ class JobQueue:
         if len(args) == 1:
             return set()
         lost = await self._renew(keys=[self.keys.batch_leases, self.keys.batch_lease_tokens], args=args)
-        return {x.decode() for x in lost}
+        return set(texts(lost))
 
     async def reap(self, limit: int = 200) -> int:
         """Take back jobs whose holder stopped renewing its lease; returns how many were requeued."""
@@ -677,14 +673,14 @@ class JobQueue:
         expired = await self.redis.zrangebyscore(self.keys.batch_leases, "-inf", now_ms, start=0, num=limit)
         if not expired:
             return 0
-        ids = [x.decode() for x in expired]
+        ids = texts(cast("list[bytes | str]", expired))  # members only: no WITHSCORES
         tokens = await self.redis.hmget(self.keys.batch_lease_tokens, ids)
         requeued = 0
         for job_id, raw_token in zip(ids, tokens, strict=True):
-            token = raw_token.decode() if raw_token is not None else ""
+            token = opt_text(raw_token) or ""
             raw = await self.redis.hmget(self.keys.job(job_id), ["status", "claim", "model", "score",
                                                                  "final_event"])
-            status, claim, model, score, pending = (v.decode() if v is not None else None for v in raw)
+            status, claim, model, score, pending = (opt_text(v) for v in raw)
             lease_args = [self.keys.batch_leases, self.keys.batch_lease_tokens]
             if token and status == JobStatus.RUNNING and claim == token and model and score:
                 held = HeldJob(job_id, token, float(score), {"model": model})

@@ -20,7 +20,7 @@ from gateway.settings import load_settings
 
 def _base_url(args: argparse.Namespace) -> str:
     if args.url:
-        return args.url.rstrip("/")
+        return str(args.url).rstrip("/")
     if os.environ.get("LLM_GATEWAY_URL"):
         return os.environ["LLM_GATEWAY_URL"].rstrip("/")
     settings = load_settings()

@@ -22,6 +22,7 @@ from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN
 from gateway.errors import bad_request
 from gateway.evals.euroeval import GENERATIVE_TYPES
 from gateway.evals.evalrepo import EvalRepo
+from gateway.redis_codec import hash_fields, opt_text, text, text_hash, texts
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -149,7 +150,7 @@ async def parse_run_request(data: Mapping[str, Any], *, repo: EvalRepo, settings
     if harness not in Harness.__members__.values():
         raise bad_request(f"'harness' must be one of {', '.join(h.value for h in Harness)}, not {_json(harness)}.",
                           param="harness")
-    harness = Harness(harness)
+    harness = Harness(str(harness))
     model = data.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required: a non-empty string naming the model to evaluate.", param="model")
@@ -173,10 +174,10 @@ async def parse_run_request(data: Mapping[str, Any], *, repo: EvalRepo, settings
 
 
 async def _eval_repo_spec(data: Mapping[str, Any], model: str, priority: int, repo: EvalRepo) -> RunSpec:
-    for name in ("dataset", "task", "language"):
-        if data.get(name) is not None:
-            raise bad_request(f"'{name}' belongs to the euroeval harness; an eval-repo run names an 'eval'.",
-                              param=name)
+    for param in ("dataset", "task", "language"):
+        if data.get(param) is not None:
+            raise bad_request(f"'{param}' belongs to the euroeval harness; an eval-repo run names an 'eval'.",
+                              param=param)
     name = data.get("eval")
     evals = await repo.list_evals()
     available = ", ".join(e["name"] for e in evals)
@@ -277,7 +278,7 @@ class RunStore:
         fields = {"id": run_id, "key_id": key_id, "created_by": created_by, "status": RunStatus.QUEUED.value,
                   "created_at": repr(now), "updated_at": repr(now), **spec.to_fields()}
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.eval_run(run_id), mapping=fields)
+        pipe.hset(self.keys.eval_run(run_id), mapping=hash_fields(fields))
         pipe.zadd(self.keys.eval_runs, {run_id: 0})
         pipe.sadd(self.keys.eval_runs_active, run_id)
         await pipe.execute()
@@ -286,12 +287,12 @@ class RunStore:
     async def get(self, run_id: str) -> dict[str, str] | None:
         """The run hash, decoded, or None."""
         raw = await self.redis.hgetall(self.keys.eval_run(run_id))
-        return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+        return text_hash(raw) if raw else None
 
     async def status(self, run_id: str) -> str | None:
         """The run's status alone."""
         raw = await self.redis.hget(self.keys.eval_run(run_id), "status")
-        return raw.decode() if raw is not None else None
+        return opt_text(raw)
 
     async def update(self, run_id: str, fields: Mapping[str, str]) -> str:
         """Set fields of a run that is not final: 'ok', 'missing' or the final status that stopped it."""
@@ -299,7 +300,7 @@ class RunStore:
         for k, v in {**fields, "updated_at": repr(time.time())}.items():
             args.extend((k, v))
         result = await self._update(keys=[self.keys.eval_run(run_id)], args=args)
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return text(result)
 
     async def finish(self, run_id: str, status: RunStatus, fields: Mapping[str, str]) -> bool:
         """Move a run to a final status (False when it already was final) and drop its working data."""
@@ -327,7 +328,7 @@ class RunStore:
 
     async def active_ids(self) -> list[str]:
         """Runs not finished yet."""
-        return sorted(x.decode() for x in await self.redis.smembers(self.keys.eval_runs_active))
+        return sorted(texts(await self.redis.smembers(self.keys.eval_runs_active)))
 
     async def forget_active(self, run_id: str) -> None:
         """Drop a run from the active set (it was found final or missing)."""
@@ -345,12 +346,12 @@ class RunStore:
                 return found, None
             pipe = self.redis.pipeline(transaction=False)
             for raw_id in ids:
-                pipe.hgetall(self.keys.eval_run(raw_id.decode()))
+                pipe.hgetall(self.keys.eval_run(text(raw_id)))
             rows = await pipe.execute()
             for raw_id, row in zip(ids, rows, strict=True):
                 scanned += 1
-                last_seen = raw_id.decode()
-                run = {k.decode(): v.decode() for k, v in row.items()}
+                last_seen = text(raw_id)
+                run = text_hash(row)
                 wanted = (visible is None or run.get("key_id") in visible) and (status is None
                                                                                  or run.get("status") == status)
                 if run and wanted:

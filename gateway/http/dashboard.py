@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 from markupsafe import Markup
 
+from gateway.batch.jobs import JobStatus
 from gateway.errors import ApiError
 from gateway.http import monitor
 from gateway.http.appkeys import API_KEY, KEYRING, SETTINGS
@@ -178,7 +179,7 @@ async def jobs_page(request: web.Request) -> web.Response:
     query = urlencode({k: v for k, v in filters.items() if v is not None and k != "limit"})
     data = monitor.jobs_data(request.app, filters)
     return await _page(request, "jobs", "Jobs", f"/monitor/jobs?{query}" if query else "/monitor/jobs", data,
-                       filters=filters, statuses=[s.value for s in monitor.JobStatus])
+                       filters=filters, statuses=[s.value for s in JobStatus])
 
 
 @page

@@ -103,7 +103,7 @@ def _unauthorized(message: str, code: str, scope: Scope, bad_token: bool) -> Api
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Enforce the scope a handler declares with `requires_scope`; routes without one are 404/405."""
     scope = getattr(request.match_info.handler, "required_scope", _MISSING)
-    if scope is _MISSING or scope is None or request.match_info.http_exception is not None:
+    if not isinstance(scope, Scope) or request.match_info.http_exception is not None:
         return await handler(request)
     header = request.headers.get("Authorization", "")
     if not header and scope is Scope.MONITOR:

@@ -96,12 +96,12 @@ _UPLOAD_ERRORS = (403, 409, 410, 412, 415, 423, 460, 507)
 def build_spec(realtime_model: str = "my-org/my-model") -> Schema:
     """The OpenAPI document; `realtime_model` is used in the examples so they hit the served model."""
     model = {"type": "string", "minLength": 1, "example": realtime_model}
-    completion_req = {"type": "object", "required": ["model", "prompt"], "properties": {
+    completion_req: dict[str, Any] = {"type": "object", "required": ["model", "prompt"], "properties": {
         "model": model, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1}]},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 64}, "stream": {"type": "boolean"},
         "stream_options": {"type": "object"}, "n": {"type": "integer", "minimum": 1, "maximum": 4}},
         "example": {"model": realtime_model, "prompt": "Hello", "max_tokens": 4}}
-    chat_req = {"type": "object", "required": ["model", "messages"], "properties": {
+    chat_req: dict[str, Any] = {"type": "object", "required": ["model", "messages"], "properties": {
         "model": model, "messages": {"type": "array", "minItems": 1, "items": _obj(
             "role", "content", role={"type": "string"}, content={"type": "string"})},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 64}, "stream": {"type": "boolean"},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -149,7 +149,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
     changed, stream = validate_request(data, chat=chat, settings=settings)
     client_wants_usage = False
     if stream:
-        options = data.get("stream_options") or {}
+        options = cast("dict[str, object]", data.get("stream_options") or {})  # an object: validate_request
         client_wants_usage = bool(options.get("include_usage"))
         if not client_wants_usage:
             data["stream_options"] = {**options, "include_usage": True}
@@ -174,7 +174,7 @@ async def _proxy(request: web.Request, path: str, *, chat: bool) -> web.StreamRe
         # in front costs a copy, not a second serialisation.
         body = b'{"priority":%d,' % REALTIME_PRIORITY + body[body.index(b"{") + 1:]
     snap = app[SUPERVISOR].snapshot
-    if not snap.ready or snap.model != settings.realtime_model:
+    if not snap.ready or snap.base_url is None or snap.model != settings.realtime_model:
         raise unavailable(request, snap)
 
     key_id = request[API_KEY].id
@@ -238,7 +238,7 @@ def openai_error_payload(status: int, payload: bytes) -> bytes:
         return payload
     message = _upstream_message(payload)
     param = obj.get("param") if isinstance(obj, dict) and isinstance(obj.get("param"), str) else None
-    kind = obj.get("type") if isinstance(obj, dict) and isinstance(obj.get("type"), str) else "invalid_request_error"
+    kind: str = obj["type"] if isinstance(obj, dict) and isinstance(obj.get("type"), str) else "invalid_request_error"
     return error_body(message, type=kind, code=str(status), param=param)
 
 
@@ -424,7 +424,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     snap = app[SUPERVISOR].snapshot
-    if not snap.ready or snap.model != settings.realtime_model:
+    if not snap.ready or snap.base_url is None or snap.model != settings.realtime_model:
         if snap.state is RuntimeState.STOPPED:
             app[SUPERVISOR].request_start()
         wait = snap.retry_after()

@@ -34,6 +34,7 @@ from gateway.batch.queue import JobEvent, JobQueue
 from gateway.openai_batches.files import PURPOSE_OUTPUT, file_id, make_metadata, purpose_of, upload_id_of
 from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine, check_line, read_lines
 from gateway.openai_batches.records import BatchRecords, BatchStatus
+from gateway.redis_codec import as_bytes, opt_text, text, texts
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 from gateway.uploads.errors import UploadError
@@ -305,7 +306,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
         return lines, model
 
     async def _fail(self, batch: dict[str, str], exc: BatchFileError) -> None:
-        data = [{"code": exc.code, "message": exc.message, "param": None, "line": None}]
+        data: list[dict[str, Any]] = [{"code": exc.code, "message": exc.message, "param": None, "line": None}]
         data += [{"code": d.code, "message": d.message, "param": d.param, "line": d.line} for d in exc.details]
         result = await self.records.transition(
             batch["id"], (BatchStatus.VALIDATING, BatchStatus.CANCELLING),
@@ -320,7 +321,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
         key = self.keys.openai_batch_jobs(batch_id)
         start = 0
         while True:
-            ids = [x.decode() for x in await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1)]
+            ids = texts(await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1))
             if not ids:
                 break
             start += len(ids)
@@ -338,7 +339,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(self.keys.job(job_id), "status")
-        return [v.decode() if v is not None else None for v in await pipe.execute()]
+        return [opt_text(v) for v in await pipe.execute()]
 
     async def _enqueue(self, batch: dict[str, str], tracked: _Tracked) -> None:
         """Second pass: enqueue the good lines after the cursor, a chunk per MULTI/EXEC."""
@@ -403,7 +404,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
         expires_at = float(batch["expires_at"])
         while True:
             status, expiring = await self.redis.hmget(self.keys.openai_batch(batch_id), ["status", "expiring"])
-            status = (status or b"").decode()
+            status = text(status or b"")
             if status == BatchStatus.CANCELLING.value:
                 return BatchStatus.CANCELLED
             if status == BatchStatus.FINALIZING.value:
@@ -466,7 +467,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
         key = self.keys.openai_batch_jobs(batch_id)
         start = 0
         while True:
-            ids = [x.decode() for x in await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1)]
+            ids = texts(await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1))
             if not ids:
                 return
             start += len(ids)
@@ -535,8 +536,8 @@ class BatchManager(Actor[_Drive | _Rescan]):
             if not lines:
                 break
             start += len(lines)
-            for line in lines:
-                buf += line + b"\n"
+            for entry in lines:
+                buf += as_bytes(entry) + b"\n"
             yield bytes(buf)
             buf.clear()
         fields = ("status", "metadata", "error", "error_code", "error_type", "runtime_status")
@@ -546,17 +547,17 @@ class BatchManager(Actor[_Drive | _Rescan]):
             if status == b"completed":
                 continue
             custom_id = orjson.loads(meta).get("custom_id") if meta else None
-            message = error.decode() if error else ""
+            message = text(error) if error else ""
             if status == b"failed" and runtime_status and code == b"runtime_4xx":
                 line: dict[str, Any] = {
                     "id": job_id, "custom_id": custom_id,
                     "response": {"status_code": int(runtime_status), "request_id": job_id,
-                                 "body": {"error": {"message": message, "type": (etype or b"").decode() or None,
+                                 "body": {"error": {"message": message, "type": text(etype or b"") or None,
                                                     "code": None, "param": None}}},
                     "error": None}
             elif status == b"failed":
                 line = {"id": job_id, "custom_id": custom_id, "response": None,
-                        "error": {"code": (code or b"").decode() or "batch_job_failed", "message": message}}
+                        "error": {"code": text(code or b"") or "batch_job_failed", "message": message}}
             elif status is None:
                 line = {"id": job_id, "custom_id": custom_id, "response": None,
                         "error": {"code": "result_expired", "message": "The job's record expired "

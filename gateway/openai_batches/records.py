@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from gateway.redis_codec import hash_fields, opt_text, text, text_hash, texts
 from gateway.redis_keys import RedisKeys
 
 # Change status only when it is one of the expected ones: ARGV = n, status_1..status_n, field, value, ...
@@ -69,15 +70,15 @@ class BatchPage:
 async def file_in_use(redis: Redis, keys: RedisKeys, fid: str, key_id: str) -> bool:
     """True while a batch of `key_id` that has not finished reads the file `fid` (deleting it, through the
     Files API or TUS termination, would take the input from under the batch)."""
-    active = [x.decode() for x in await redis.smembers(keys.openai_batches_active)]
+    active = texts(await redis.smembers(keys.openai_batches_active))
     if not active:
         return False
     pipe = redis.pipeline(transaction=False)
     for batch_id in active:
         pipe.hmget(keys.openai_batch(batch_id), ["input_file_id", "status", "key_id"])
     for input_id, status, owner in await pipe.execute():
-        if (input_id is not None and input_id.decode() == fid and status is not None and owner is not None
-                and not BatchStatus(status.decode()).final and owner.decode() == key_id):
+        if (input_id is not None and opt_text(input_id) == fid and status is not None and owner is not None
+                and not BatchStatus(text(status)).final and opt_text(owner) == key_id):
             return True
     return False
 
@@ -94,7 +95,7 @@ class BatchRecords:
     async def create(self, fields: dict[str, str]) -> None:
         """Store a new batch (status validating) and make it visible to its key and to the manager."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.openai_batch(fields["id"]), mapping=fields)
+        pipe.hset(self.keys.openai_batch(fields["id"]), mapping=hash_fields(fields))
         pipe.zadd(self.keys.openai_batch_index(fields["key_id"]), {fields["id"]: 0})
         pipe.sadd(self.keys.openai_batches_active, fields["id"])
         await pipe.execute()
@@ -104,14 +105,14 @@ class BatchRecords:
         raw = await self.redis.hgetall(self.keys.openai_batch(batch_id))
         if not raw:
             return None
-        batch = {k.decode(): v.decode() for k, v in raw.items()}
+        batch = text_hash(raw)
         if key_id is not None and batch.get("key_id") != key_id:
             return None
         return batch
 
     async def active_ids(self) -> list[str]:
         """Ids of batches not yet final."""
-        return sorted(x.decode() for x in await self.redis.smembers(self.keys.openai_batches_active))
+        return sorted(texts(await self.redis.smembers(self.keys.openai_batches_active)))
 
     async def transition(self, batch_id: str, allowed: tuple[BatchStatus, ...], fields: dict[str, str]) -> str:
         """Set `fields` if the status is one of `allowed`: 'ok', else the current status or 'missing'."""
@@ -119,11 +120,11 @@ class BatchRecords:
         for k, v in fields.items():
             args.extend((k, v))
         result = await self._transition(keys=[self.keys.openai_batch(batch_id)], args=args)
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return text(result)
 
     async def set(self, batch_id: str, fields: dict[str, str]) -> None:
         """Update fields that are not the status (counters, cursor)."""
-        await self.redis.hset(self.keys.openai_batch(batch_id), mapping=fields)
+        await self.redis.hset(self.keys.openai_batch(batch_id), mapping=hash_fields(fields))
 
     async def retire(self, batch_id: str) -> None:
         """A batch reached a final state: stop driving it; its records expire after BATCH_JOB_TTL_SECONDS."""
@@ -145,16 +146,16 @@ class BatchRecords:
                 break
             pipe = self.redis.pipeline(transaction=False)
             for raw_id in ids:
-                pipe.hgetall(self.keys.openai_batch(raw_id.decode()))
+                pipe.hgetall(self.keys.openai_batch(text(raw_id)))
             gone = []
             for raw_id, raw in zip(ids, await pipe.execute(), strict=True):
                 if not raw:
                     gone.append(raw_id)  # expired after its TTL: forget it in the index too
                     continue
-                found.append({k.decode(): v.decode() for k, v in raw.items()})
+                found.append(text_hash(raw))
             if gone:
                 await self.redis.zrem(index, *gone)
-            upper = f"({ids[-1].decode()}"
+            upper = f"({text(ids[-1])}"
         return BatchPage(found[:limit], len(found) > limit)
 
 
