@@ -236,8 +236,7 @@ def create_app(settings: Settings) -> web.Application:
     # Feature components, after the resources they use (and so stopped before them):
     if settings.batch_dispatcher_enabled:
         ctx.append(actor_ctx(DISPATCHER, lambda a: BatchDispatcher(
-            settings, a[BATCH_QUEUE], a[SUPERVISOR], a[ACTIVITY], a[UPSTREAM], a[ACCOUNTANT], a[FLEET]),
-            _shutdown_timeout))
+            settings, a[BATCH_QUEUE], a[SUPERVISOR], a[ACTIVITY], a[ACCOUNTANT], a[FLEET]), _shutdown_timeout))
     # The node registry reads the dispatcher's status; it also checks that UPLOAD_DIR is the shared one.
     ctx.append(actor_ctx(NODE_REGISTRY, lambda a: NodeRegistry(
         settings, a[FLEET], a[SUPERVISOR], a[ACTIVITY], a.get(DISPATCHER)), 5))

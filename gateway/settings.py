@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     runtime_network: str = ""
     runtime_port: int = Field(0, ge=0, le=65535)
     runtime_gpus: str = "auto"
+    runtime_cpus: str = Field("", description="CPUs the runtime may run on, e.g. 1-7 (Linux cpu list; empty: "
+                              "all). Keeps the gateway's own CPUs free of the runtime's busy-polling engine: "
+                              "process backend via sched_setaffinity, docker backend via the container's cpuset")
     runtime_start_timeout: float = Field(900.0, gt=0)
     runtime_stop_timeout: float = Field(20.0, gt=0)
     runtime_failure_dir: str = ""
@@ -258,6 +261,23 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"\d+[kmg]?b?", value):
             raise ValueError("use a size such as 8g, 512m or a byte count")
         return value
+
+    @field_validator("runtime_cpus")
+    @classmethod
+    def _cpus(cls, value: str) -> str:
+        value = value.strip().replace(" ", "")
+        if value and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value):
+            raise ValueError("use a Linux CPU list such as 1-7 or 0,2-3 (empty: every CPU)")
+        return value
+
+    @property
+    def runtime_cpu_set(self) -> set[int]:
+        """RUNTIME_CPUS as a set of CPU numbers (empty: no restriction)."""
+        cpus: set[int] = set()
+        for part in filter(None, self.runtime_cpus.split(",")):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+        return cpus
 
     @field_validator("runtime_gpus")
     @classmethod

@@ -234,9 +234,11 @@ class _Connection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to runtimes, keyed by base URL, at most `limit` requests at once."""
 
-    def __init__(self, *, limit: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, *, limit: int, connect_timeout: float, read_timeout: float, max_idle: int = 64) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        """Idle connections kept per runtime (the batch path keeps one per slot)."""
         self._slots = asyncio.Semaphore(limit)
         self._idle: dict[str, list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, ssl.SSLContext | None, bytes]] = {}
@@ -244,13 +246,13 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(self, base_url: str, path: str, body: bytes, headers: dict[str, str],
-                      *, until: str = "headers") -> Exchange:
-        """POST `body` to base_url + path; return once the status is known (`until="headers"`) or the
-        whole body has arrived (`until="body"`)."""
+                      *, until: str = "headers", method: bytes = b"POST") -> Exchange:
+        """POST (or `method`) `body` to base_url + path; return once the status is known
+        (`until="headers"`) or the whole body has arrived (`until="body"`)."""
         if self._closed:
             raise UpstreamError("connection", "the gateway is shutting down")
         host, port, tls, host_header = self._target(base_url)
-        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nHost: ", host_header,
+        head = [method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", host_header,
                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         for name, value in headers.items():
             head += [name.encode(), b": ", value.encode(), b"\r\n"]
@@ -326,7 +328,7 @@ class UpstreamPool:
         conn.idle_since = loop.time()
         conns = self._idle.setdefault(conn.key, [])
         conns.append(conn)
-        if len(conns) > 64:  # connections beyond what the load needs now are closed, oldest first
+        if len(conns) > self.max_idle:  # connections beyond what the load needs now are closed, oldest first
             conns.pop(0).close()
         if self._sweeper is None:
             self._sweeper = loop.call_later(IDLE_REUSE_SECONDS, self._sweep)

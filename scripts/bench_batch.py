@@ -138,6 +138,7 @@ async def throughput(args: argparse.Namespace, tmp: Path, keys: Path, ttft: floa
             stream = f"{prefix}{{batch}}:job_events"
             async with Gateway(settings_for(prefix, keys, tmp, **common)) as worker:
                 dispatcher = worker.app[DISPATCHER]
+                profiler = _profiler(args.profile) if not ttft else None
                 started = time.perf_counter()
                 cpu_started = time.process_time()
                 samples: list[float] = []
@@ -156,6 +157,10 @@ async def throughput(args: argparse.Namespace, tmp: Path, keys: Path, ttft: floa
                     await asyncio.sleep(0.002)
                 drain_s = time.perf_counter() - started
                 cpu_s = time.process_time() - cpu_started
+                if profiler is not None:
+                    profiler.stop()
+                    Path(args.profile).write_text(profiler.output_text(show_all=False))
+                    print(f"profile of the drain (whole process, this loop): {args.profile}")
                 busy = dispatcher.slot_busy_seconds
                 events = await r.xlen(stream)
                 if events < 3 * total:
@@ -179,6 +184,17 @@ async def throughput(args: argparse.Namespace, tmp: Path, keys: Path, ttft: floa
         stop_processes([sim], timeout=10)
         delete_prefix(REDIS_URL, prefix)
         await r.aclose()
+
+
+def _profiler(path: str | None) -> Any:
+    """A started pyinstrument profiler (pip install pyinstrument) when --profile is given."""
+    if not path:
+        return None
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    return profiler
 
 
 async def swap_latency(args: argparse.Namespace, tmp: Path, keys: Path, sleep_mode: bool) -> float:
@@ -226,6 +242,9 @@ async def main() -> None:
     parser.add_argument("--ttft", type=float, default=0.05,
                         help="runtime latency (s) of the second throughput run, where slot utilisation matters")
     parser.add_argument("--skip-swaps", action="store_true")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="profile the zero-latency drain with pyinstrument (not a dependency: pip install it) "
+                             "and write the text report to FILE")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--log-level", default="error")
     args = parser.parse_args()

@@ -39,22 +39,30 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import free_port, stop_processes, wait_up
+import redis.asyncio as aredis
+from benchlib import delete_prefix, free_port, stop_processes, wait_up
 
+from gateway.batch.coserve import AdmissionController, ControllerConfig, LatencyWindow, RuntimeLoad
 from gateway.sim_engine import PROFILES, Engine, ManualClock, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/coserve-model"
 MAX_MODEL_LEN = 4096
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+REALTIME_TOKEN = "bench-coserve-realtime-0001"
+BATCH_TOKEN = "bench-coserve-batch-0001"
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +96,26 @@ def burst_windows(duration: float, burst_seconds: float) -> list[tuple[float, fl
     return windows
 
 
+@dataclass(frozen=True)
+class Load:
+    """Request sizes: (median, sigma, low, high) of lognormal token counts."""
+
+    realtime_prompt: tuple[float, float, int, int]
+    realtime_output: tuple[float, float, int, int]
+    batch_prompt: tuple[float, float, int, int]
+    batch_output: tuple[float, float, int, int]
+
+
+LOADS = {
+    # A chat service on a 7-8B model (the GPU-like profile's load).
+    "gpu": Load((512, 0.8, 16, 2048), (128, 0.6, 8, 512), (1024, 0.5, 64, 3000), (256, 0.5, 32, 1000)),
+    # The CPU tier (tiny-llama-a, --max-model-len 1024): realtime streams of 48 tokens, batch jobs of 128
+    # (the figures of issue 13).
+    "cpu-tier": Load((64, 0.5, 16, 256), (48, 0.0, 48, 48), (128, 0.5, 32, 512), (128, 0.0, 128, 128)),
+}
+LOAD = LOADS["gpu"]
+
+
 def realtime_trace(duration: float, rate: float, burst_seconds: float, seed: int) -> list[Job]:
     """Poisson arrivals at `rate`, 3x inside the burst windows (thinning of a 3x-rate process)."""
     rng = random.Random(seed)
@@ -102,7 +130,7 @@ def realtime_trace(duration: float, rate: float, burst_seconds: float, seed: int
         in_burst = any(a <= t < b for a, b in bursts)
         if not in_burst and rng.random() > 1 / 3:
             continue
-        jobs.append(Job(t, lognormal(rng, 512, 0.8, 16, 2048), lognormal(rng, 128, 0.6, 8, 512)))
+        jobs.append(Job(t, lognormal(rng, *LOAD.realtime_prompt), lognormal(rng, *LOAD.realtime_output)))
 
 
 class BatchBacklog:
@@ -113,7 +141,7 @@ class BatchBacklog:
 
     def next(self) -> Job:
         """The next job in the backlog."""
-        return Job(0.0, lognormal(self.rng, 1024, 0.5, 64, 3000), lognormal(self.rng, 256, 0.5, 32, 1000))
+        return Job(0.0, lognormal(self.rng, *LOAD.batch_prompt), lognormal(self.rng, *LOAD.batch_output))
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +159,10 @@ class Policy:
     batch_workers: int = 0
     realtime_priority: int | None = None
     batch_priority: int | None = None
-    runner: str = "direct"  # "direct": straight to the runtime; a gateway runner is future work
+    adaptive: bool = False
+    """Through the gateway, its co-serving controller on: batch is submitted to the gateway's queue, and the
+    dispatcher's AIMD limit decides how many batch requests reach the runtime (--virtual: the same
+    controller, gateway/batch/coserve.py, driven on the simulated clock)."""
 
 
 def policies(batch_workers: int) -> list[Policy]:
@@ -141,6 +172,8 @@ def policies(batch_workers: int) -> list[Policy]:
         Policy("static-cap", batch_workers=batch_workers),
         Policy("priority", scheduling_policy="priority", batch_workers=batch_workers, realtime_priority=0,
                batch_priority=10),
+        Policy("adaptive", scheduling_policy="priority", batch_workers=batch_workers, realtime_priority=0,
+               batch_priority=10, adaptive=True),
         Policy("capacity", realtime=False, batch_workers=batch_workers),
     ]
 
@@ -156,6 +189,8 @@ class RunResult:
     realtime_tokens: int = 0
     batch_tokens: int = 0  # output tokens of batch requests completed inside the window
     batch_requests: int = 0
+    limits: list[tuple[float, int, str]] = field(default_factory=list)  # adaptive, --virtual: (t, limit, reason)
+    limit_changes: int = 0  # adaptive: how often the controller changed the batch limit
     window: float = 0.0
     errors: int = 0
     preemptions: float = 0.0
@@ -190,16 +225,11 @@ def pct(values: list[float], q: float) -> float:
 
 async def run_http(policy: Policy, trace: list[Job], args: argparse.Namespace) -> RunResult:
     """Start the contention simulator for this policy and replay the load against it over HTTP."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "gateway.simulator", "--model", MODEL, "--host", "127.0.0.1", "--port",
-           str(port), "--sim-profile", args.profile, "--scheduling-policy", policy.scheduling_policy,
-           "--max-model-len", str(MAX_MODEL_LEN)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    if policy.adaptive:
+        return await run_gateway(policy, trace, args)
+    procs, base = await start_runtime(policy, args)
     result = RunResult(window=args.duration)
     try:
-        await wait_up(base + "/health", timeout=30)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as http:
             await _replay_http(http, base, policy, trace, args, result)
@@ -208,20 +238,164 @@ async def run_http(policy: Policy, trace: list[Job], args: argparse.Namespace) -
                     if line.startswith("vllm:num_preemptions_total"):
                         result.preemptions = float(line.rsplit(" ", 1)[1])
     finally:
-        stop_processes([proc])
+        stop_processes(procs)
     return result
 
 
+def _pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
+
+
+async def start_runtime(policy: Policy, args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The runtime of one policy: the contention simulator, a fresh vLLM (--start-vllm) with the policy's
+    scheduling policy, or the external --runtime-url (whose own scheduling policy applies to every policy)."""
+    if args.runtime_url:
+        await wait_up(args.runtime_url + "/health", timeout=60)
+        return [], args.runtime_url
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    if args.start_vllm:
+        python = Path(os.environ.get("VLLM_VENV", "/var/cache/llm-gateway/vllm-venv")) / "bin" / "python"
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--host",
+               "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
+               "--enforce-eager", "--scheduling-policy", policy.scheduling_policy]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        proc = subprocess.Popen(_pinned(cmd, args.runtime_cpus), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        timeout = 900.0
+    else:
+        cmd = [sys.executable, "-m", "gateway.simulator", "--model", args.model, "--host", "127.0.0.1", "--port",
+               str(port), "--sim-profile", args.profile, "--scheduling-policy", policy.scheduling_policy,
+               "--max-model-len", str(MAX_MODEL_LEN)]
+        proc = subprocess.Popen(_pinned(cmd, args.runtime_cpus), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        timeout = 30.0
+    try:
+        await wait_up(base + "/health", timeout=timeout)
+    except BaseException:
+        stop_processes([proc])
+        raise
+    return [proc], base
+
+
+async def run_gateway(policy: Policy, trace: list[Job], args: argparse.Namespace) -> RunResult:
+    """The simulator behind a real gateway (its own process, as deployed): realtime streams go through the
+    gateway's /v1/completions, batch is a backlog of jobs in its queue, and the dispatcher's co-serving
+    controller (COSERVE_ADAPTIVE) decides how many of them reach the runtime at once, out of
+    MAX_CONCURRENT_BATCH = N. The gateway sets the upstream priorities itself (RUNTIME_PRIORITY_SCHEDULING)."""
+    gw_port = free_port()
+    procs, runtime = await start_runtime(policy, args)
+    base = f"http://127.0.0.1:{gw_port}"
+    prefix = f"bench:coserve:{uuid.uuid4().hex[:8]}:"
+    result = RunResult(window=args.duration)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        (tmp / "keys.json").write_text(json.dumps({"keys": [
+            {"id": "bench-realtime", "token": REALTIME_TOKEN, "scopes": ["realtime"]},
+            {"id": "bench-batch", "token": BATCH_TOKEN, "scopes": ["batch"]}]}))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix,
+               "AUTH_KEYS_FILE": str(tmp / "keys.json"), "REALTIME_MODEL": args.model, "RUNTIME_BACKEND": "external",
+               "RUNTIME_URL": runtime, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(gw_port),
+               "MAX_CONCURRENT_BATCH": str(policy.batch_workers), "COSERVE_ADAPTIVE": "true",
+               "RUNTIME_PRIORITY_SCHEDULING": "on", "REALTIME_TTFT_SLO_MS": str(args.ttft_slo_ms),
+               "REALTIME_ITL_SLO_MS": str(args.itl_slo_ms),
+               "LOG_LEVEL": "info" if args.gateway_log else "warning",
+               "RUNTIME_FAILURE_DIR": str(tmp / "failures"), "RUNTIME_PID_FILE": str(tmp / "runtime.pid")}
+        gateway = subprocess.Popen(_pinned([sys.executable, "-m", "gateway", "serve"], args.gateway_cpus),
+                                   cwd=tmp, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=open(args.gateway_log or os.devnull, "wb"),
+                                   stdin=subprocess.DEVNULL)
+        procs.append(gateway)
+        r = aredis.Redis.from_url(REDIS_URL)
+        try:
+            await wait_up(base + "/ready", timeout=60)
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector,
+                                             timeout=aiohttp.ClientTimeout(total=900)) as http:
+                feeder = _GatewayBacklog(http, base, r, prefix, policy, args, result)
+                await _replay_http(http, base, policy, trace, args, result, feeder=feeder,
+                                   headers={"Authorization": f"Bearer {REALTIME_TOKEN}"})
+                async with http.get(runtime + "/metrics") as response:
+                    for line in (await response.text()).splitlines():
+                        if line.startswith("vllm:num_preemptions_total"):
+                            result.preemptions = float(line.rsplit(" ", 1)[1])
+                async with http.get(base + "/metrics") as response:
+                    for line in (await response.text()).splitlines():
+                        if line.startswith("llm_gateway_coserve_limit_changes_total{"):
+                            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                            if reason != "start":
+                                result.limit_changes += int(float(line.rsplit(" ", 1)[1]))
+        finally:
+            stop_processes(procs)
+            await r.aclose()
+            delete_prefix(REDIS_URL, prefix)
+    return result
+
+
+class _GatewayBacklog:
+    """Keeps the gateway's batch queue from running dry: a job is submitted for every one that completes
+    (read from the job event stream), so queued + running stays above MAX_CONCURRENT_BATCH."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, redis: Any, prefix: str, policy: Policy,
+                 args: argparse.Namespace, result: RunResult) -> None:
+        self.http, self.base, self.redis, self.policy, self.args, self.result = http, base, redis, policy, args, result
+        self.stream = f"{prefix}job_events"
+        self.backlog = BatchBacklog(args.seed)
+        self.tokens: dict[str, int] = {}
+
+    async def submit(self, n: int) -> None:
+        sem = asyncio.Semaphore(32)
+
+        async def one() -> None:
+            job = self.backlog.next()
+            async with sem, self.http.post(self.base + "/v1/batch/completions", json=_body(job, None, False),
+                                           headers={"Authorization": f"Bearer {BATCH_TOKEN}"}) as response:
+                if response.status != 202:
+                    self.result.errors += 1
+                    return
+                self.tokens[(await response.json())["id"]] = job.output_tokens
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    async def run(self, start: float, end: float, stop: asyncio.Event) -> None:
+        """Fill the queue, then top it up and count completed tokens until `stop`."""
+        loop = asyncio.get_running_loop()
+        last = "$"
+        await self.submit(self.policy.batch_workers + 64)
+        while not stop.is_set():
+            reply = await self.redis.xread({self.stream: last}, count=500, block=200)
+            done = 0
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = fields.get(b"event", b"").decode()
+                    job_id = fields.get(b"job_id", b"").decode()
+                    if event == "completed" and job_id in self.tokens:
+                        done += 1
+                        tokens = self.tokens.pop(job_id)
+                        if start <= loop.time() <= end:
+                            self.result.batch_tokens += tokens
+                            self.result.batch_requests += 1
+                    elif event == "failed":
+                        self.result.errors += 1
+                        done += 1
+            if done:
+                await self.submit(done)
+
+
 def _body(job: Job, priority: int | None, stream: bool) -> dict[str, Any]:
+    # ignore_eos: random-weight models (the CPU tier) would end early; the simulator never does.
     body: dict[str, Any] = {"model": MODEL, "prompt": [7] * job.prompt_tokens, "max_tokens": job.output_tokens,
-                            "stream": stream}
+                            "stream": stream, "ignore_eos": True}
     if priority is not None:
         body["priority"] = priority
     return body
 
 
 async def _replay_http(http: aiohttp.ClientSession, base: str, policy: Policy, trace: list[Job],
-                       args: argparse.Namespace, result: RunResult) -> None:
+                       args: argparse.Namespace, result: RunResult, *, feeder: _GatewayBacklog | None = None,
+                       headers: dict[str, str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     url = base + "/v1/completions"
     backlog = BatchBacklog(args.seed)
@@ -253,7 +427,8 @@ async def _replay_http(http: aiohttp.ClientSession, base: str, policy: Policy, t
         arrived = loop.time()
         times: list[float] = []
         try:
-            async with http.post(url, json=_body(job, policy.realtime_priority, True)) as response:
+            body = _body(job, None if feeder else policy.realtime_priority, True)
+            async with http.post(url, json=body, headers=headers) as response:
                 if response.status != 200:
                     result.errors += 1
                     return
@@ -273,7 +448,10 @@ async def _replay_http(http: aiohttp.ClientSession, base: str, policy: Policy, t
             raise
         result.record_stream(arrived, times)
 
-    workers = [asyncio.create_task(batch_worker()) for _ in range(policy.batch_workers)]
+    if feeder is not None:
+        workers = [asyncio.create_task(feeder.run(start, end, stop_batch))]
+    else:
+        workers = [asyncio.create_task(batch_worker()) for _ in range(policy.batch_workers)]
     streams = [asyncio.create_task(realtime(job)) for job in trace] if policy.realtime else []
     remaining = end - loop.time()
     if remaining > 0:
@@ -301,6 +479,16 @@ def run_virtual(policy: Policy, trace: list[Job], args: argparse.Namespace) -> R
     pending = list(trace) if policy.realtime else []
     pending.reverse()
     batch: set[Sequence] = set()
+    # Adaptive: the gateway's controller on the simulated clock, fed what the gateway measures (TTFT at the
+    # first token, each stream's mean ITL at its end, the oldest stream still waiting for its first token,
+    # the runtime's gauges); batch requests reach the engine only while fewer than the limit run.
+    controller = AdmissionController(ControllerConfig(
+        max_limit=policy.batch_workers, ttft_slo=args.ttft_slo_ms / 1000, itl_slo=args.itl_slo_ms / 1000),
+        clock=clock) if policy.adaptive else None
+    ttft_window, itl_window = LatencyWindow(10.0, clock=clock), LatencyWindow(10.0, clock=clock)
+    limit = policy.batch_workers
+    next_control = clock.now
+    last_realtime = float("-inf")
 
     def add_batch() -> None:
         job = backlog.next()
@@ -308,8 +496,11 @@ def run_virtual(policy: Policy, trace: list[Job], args: argparse.Namespace) -> R
         batch.add(seq)
         engine.add(seq)
 
-    for _ in range(policy.batch_workers):
-        add_batch()
+    def fill_batch() -> None:
+        while len(batch) < limit:
+            add_batch()
+
+    fill_batch()
     live_realtime = 0
     while clock.now < args.duration or (live_realtime and clock.now < args.duration + args.grace):
         while pending and pending[-1].at <= clock.now:
@@ -320,27 +511,55 @@ def run_virtual(policy: Policy, trace: list[Job], args: argparse.Namespace) -> R
             arrivals[seq] = job.at
             engine.add(seq)
             live_realtime += 1
+            last_realtime = clock.now
+        if controller is not None and clock.now >= next_control:
+            next_control = clock.now + controller.config.interval
+            waits = [clock.now - arrivals[s] for s, times in token_times.items() if not times and not s.finished]
+            decision = controller.step(ttft_window, itl_window, RuntimeLoad(
+                engine.num_waiting, engine.num_running, engine.kv_cache_usage),
+                realtime_active=bool(live_realtime) or clock.now - last_realtime < 10.0,
+                priority=policy.scheduling_policy == "priority", first_token_wait=max(waits, default=0.0))
+            if decision.limit != limit:
+                result.limits.append((clock.now, decision.limit, decision.reason))
+                result.limit_changes += 1
+                if decision.limit < limit:
+                    # The dispatcher stops the newest in-flight batch requests beyond the limit (requeued).
+                    for victim in sorted(batch, key=lambda s: s.seq_no)[decision.limit:]:
+                        engine.abort(victim)
+                        batch.discard(victim)
+                limit = decision.limit
+            fill_batch()
         if not engine.has_work():
             if not pending:
-                break
-            clock.now = pending[-1].at
+                if controller is None or clock.now >= args.duration:
+                    break
+                clock.now = next_control
+                continue
+            clock.now = pending[-1].at if controller is None else min(pending[-1].at, next_control)
             continue
         step = engine.schedule()
         clock.advance(step.duration)
         output = engine.complete(step)
         for seq in output.emitted:
-            if seq in token_times:
-                token_times[seq].append(clock.now)
+            times = token_times.get(seq)
+            if times is not None:
+                if not times:
+                    ttft_window.add(clock.now - arrivals[seq])
+                times.append(clock.now)
         for seq in output.finished:
             if seq in batch:
                 batch.discard(seq)
                 if 0.0 <= clock.now <= args.duration:
                     result.batch_tokens += seq.output_tokens
                     result.batch_requests += 1
-                add_batch()  # a worker takes the next job from the backlog at once
+                fill_batch()  # a worker takes the next job from the backlog at once
             else:
                 live_realtime -= 1
-                result.record_stream(arrivals[seq], token_times[seq])
+                last_realtime = clock.now
+                times = token_times[seq]
+                if len(times) >= 3:
+                    itl_window.add((times[-1] - times[0]) / (len(times) - 1))
+                result.record_stream(arrivals[seq], times)
         if clock.now >= args.duration and not live_realtime:
             break
     for seq, times in token_times.items():
@@ -380,6 +599,7 @@ def summarize(results: dict[str, RunResult], args: argparse.Namespace) -> dict[s
             "batch_tokens_per_s": batch_tps,
             "harvest": batch_tps / (capacity - realtime_use) if capacity > realtime_use else 0.0,
             "preemptions": r.preemptions,
+            "limit_changes": float(r.limit_changes),
             "errors": float(r.errors),
         }
     out["capacity"] = {"batch_tokens_per_s": capacity, "realtime_tokens_per_s": realtime_use,
@@ -390,7 +610,11 @@ def summarize(results: dict[str, RunResult], args: argparse.Namespace) -> dict[s
 def print_table(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     """The comparison as a markdown table."""
     print()
-    print(f"profile {args.profile}, {'simulated time' if args.virtual else 'simulator over HTTP'}, "
+    where = ("simulated time" if args.virtual else f"vLLM {args.model}" if args.start_vllm
+             else f"runtime {args.runtime_url}" if args.runtime_url else "simulator over HTTP")
+    print(f"profile {args.profile}, load {args.load}, {where}"
+          f"{f', runtime on CPUs {args.runtime_cpus}' if args.runtime_cpus else ''}"
+          f"{f', gateway and client on CPUs {args.gateway_cpus}' if args.gateway_cpus else ''}, "
           f"{args.duration:g} s trace, rate {args.rate:g}/s (3x bursts of {args.burst_seconds:g} s), "
           f"{args.batch_workers} batch workers, SLO TTFT {args.ttft_slo_ms:g} ms / ITL {args.itl_slo_ms:g} ms, "
           f"seed {args.seed}")
@@ -414,7 +638,10 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"realtime trace: {len(trace)} requests in {args.duration:g} s, bursts at "
           f"{burst_windows(args.duration, args.burst_seconds)}", flush=True)
     results: dict[str, RunResult] = {}
+    chosen = set(args.policies.split(",")) | {"baseline", "capacity"} if args.policies else None
     for policy in policies(args.batch_workers):
+        if chosen is not None and policy.name not in chosen:
+            continue
         started = time.monotonic()
         if args.virtual:
             results[policy.name] = run_virtual(policy, trace, args)
@@ -428,7 +655,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print_table(summary, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {
-            "profile": args.profile, "virtual": args.virtual, "duration_s": args.duration, "rate": args.rate,
+            "profile": args.profile, "load": args.load, "runtime": "vllm" if args.start_vllm else
+            args.runtime_url or "simulator", "model": args.model, "runtime_cpus": args.runtime_cpus,
+            "gateway_cpus": args.gateway_cpus, "virtual": args.virtual, "duration_s": args.duration, "rate": args.rate,
             "burst_seconds": args.burst_seconds, "batch_workers": args.batch_workers,
             "ttft_slo_ms": args.ttft_slo_ms, "itl_slo_ms": args.itl_slo_ms, "seed": args.seed},
             "policies": summary}, indent=2))
@@ -436,6 +665,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    global LOAD, MAX_MODEL_LEN, MODEL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 32 s trace with one burst (under 3 minutes)")
     parser.add_argument("--virtual", action="store_true", help="the engine model in simulated time")
@@ -452,11 +682,36 @@ def main() -> int:
     parser.add_argument("--itl-slo-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--gateway-log", metavar="FILE", help="adaptive: keep the gateway's log (level info) here")
+    parser.add_argument("--load", choices=sorted(LOADS), default=None,
+                        help="request sizes (default gpu; cpu-tier with --start-vllm/--runtime-url)")
+    parser.add_argument("--start-vllm", action="store_true",
+                        help="run every policy on a fresh real vLLM (VLLM_VENV) serving --model, started with the "
+                             "policy's --scheduling-policy, instead of the simulator")
+    parser.add_argument("--runtime-url", help="an already running vLLM for every policy (its own scheduling policy)")
+    parser.add_argument("--model", help="the model to serve/send (default: the simulator's name; with "
+                                        "--start-vllm: /var/cache/llm-gateway/models/tiny-llama-a)")
+    parser.add_argument("--runtime-cpus", help="pin the runtime to these CPUs (taskset -c), e.g. 1")
+    parser.add_argument("--gateway-cpus", help="pin the gateway and this client to these CPUs, e.g. 0")
+    parser.add_argument("--policies", help="only these policies, comma-separated (baseline and capacity always run)")
     args = parser.parse_args()
     if args.duration is None:
         args.duration = 32.0 if args.quick else 150.0
     if args.burst_seconds is None:
         args.burst_seconds = 20.0 if args.quick else 30.0
+    real = args.start_vllm or args.runtime_url
+    if args.virtual and real:
+        parser.error("--virtual runs the engine model; it cannot be combined with a real runtime")
+    if args.model is None:
+        args.model = "/var/cache/llm-gateway/models/tiny-llama-a" if real else MODEL
+    if args.load is None:
+        args.load = "cpu-tier" if real else "gpu"
+    LOAD = LOADS[args.load]
+    MODEL = args.model
+    if real:
+        MAX_MODEL_LEN = 1024
+    if args.gateway_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.gateway_cpus.split(",")})
     return asyncio.run(main_async(args))
 
 

@@ -174,3 +174,29 @@ async def test_a_wrong_token_is_refused(browser: Browser, base_url: str, shots: 
     assert not await page.context.cookies()
     await page.goto(base_url + "/dashboard")
     await expect(page).to_have_url(re.compile(r"/dashboard/login\?next="))
+
+
+async def test_the_coserving_panel_shows_the_batch_limit_and_ttft_against_the_slo(
+        browser: Browser, aiohttp_server: Any, make_settings: Any, shots: Shots) -> None:
+    app = create_app(make_settings(coserve_interval_seconds=0.1, realtime_ttft_slo_ms=250, max_concurrent_batch=8))
+    server = await aiohttp_server(app)
+    await wait_ready(app)
+    base_url = str(server.make_url("")).rstrip("/")
+    page = await new_page(browser)
+    async with aiohttp.ClientSession(base_url) as api:
+        # Realtime streams: the gateway measures their TTFT, and the controller starts batch cautiously.
+        for _ in range(5):
+            resp = await api.post("/v1/chat/completions", headers=auth("realtime"), json={**CHAT, "stream": True})
+            assert resp.status == 200
+            await resp.read()
+        await log_in(page, base_url, shots)
+        await expect(page.locator("#cs-ttft-slo")).to_have_text("250 ms")
+        await expect(page.locator("#cs-limit")).to_have_text(re.compile(r"^\d / 8$"))
+        await expect(page.locator("#cs-ttft")).to_have_text(re.compile(r"\d ms$"), timeout=WAIT_MS)
+        await expect(page.locator("#cs-reason")).to_contain_text("last change", timeout=WAIT_MS)
+        await expect(page.locator("#cs-reason")).to_contain_text("Adaptive")
+        # Two charts over the last minutes: TTFT p95 with the SLO as a dashed line, and the batch limit.
+        await expect(page.locator("#chart-cs-ttft svg path.ref")).to_have_count(1, timeout=WAIT_MS)
+        await expect(page.locator("#chart-cs-limit svg path.line")).to_have_count(1)
+        await shots.take(page, "coserving-panel")
+    assert not PAGE_ERRORS, PAGE_ERRORS

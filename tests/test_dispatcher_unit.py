@@ -148,8 +148,8 @@ class Rig:
         self.runtime = FakeRuntime(settings, self.clock, base_url)
         self.queue = FakeQueue()
         self.activity = RealtimeActivity(clock=self.clock)
-        self.dispatcher = BatchDispatcher(settings, self.queue, self.runtime, self.activity,
-                                          session, clock=self.clock)
+        # (The dispatcher sends through its own upstream pool; `session` is the tests' client.)
+        self.dispatcher = BatchDispatcher(settings, self.queue, self.runtime, self.activity, clock=self.clock)
 
     def realtime_request(self) -> None:
         self.activity.begin()

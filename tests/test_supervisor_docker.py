@@ -36,6 +36,9 @@ def test_create_config(make_settings: Callable[..., Settings]) -> None:
     assert "DeviceRequests" not in host  # auto on a host without an nvidia runtime: no GPU request
     assert host["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
     assert host["ShmSize"] == 8 << 30 and "IpcMode" not in host
+    assert "CpusetCpus" not in host
+    pinned = build_config(make_settings(**base, runtime_cpus="1-7"), "org/model", nvidia_available=False)
+    assert pinned["HostConfig"]["CpusetCpus"] == "1-7"  # RUNTIME_CPUS: the gateway's CPU stays free
     assert "Binds" not in host and not any(e.startswith("HF_HOME=") for e in config["Env"])
     assert config["Labels"][LABEL_MANAGED] == "true" and config["Labels"][LABEL_MODEL] == "org/model"
     assert config["Healthcheck"]["Test"][:2] == ["CMD", "python3"]

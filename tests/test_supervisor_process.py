@@ -412,3 +412,26 @@ async def test_a_hung_ready_runtime_is_restarted_with_a_crash_log(proc_settings:
     assert "reason: unhealthy" in log_text
     again = await sup.wait_ready(30)
     assert process_pid(sup) != pid and again.ready
+async def test_runtime_cpus_pins_the_runtime_process(proc_settings: Callable[..., Settings],
+                                                     supervisors: Factory) -> None:
+    import json
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    settings = proc_settings(runtime_cpus=str(cpu))
+    assert settings.runtime_cpu_set == {cpu}
+    sup = supervisors(settings)
+    await sup.start()
+    await sup.wait_ready(30)
+    pid = json.loads(Path(settings.runtime_pid_file).read_text())["pid"]
+    assert os.sched_getaffinity(pid) == {cpu}  # the runtime (and what it starts) stays on RUNTIME_CPUS
+    assert os.sched_getaffinity(0) != {cpu} or len(os.sched_getaffinity(0)) == 1  # the gateway is not pinned
+
+
+def test_runtime_cpus_must_be_a_cpu_list(make_settings: Callable[..., Settings]) -> None:
+    from pydantic import ValidationError
+
+    assert make_settings(runtime_cpus="0,2-3").runtime_cpu_set == {0, 2, 3}
+    assert make_settings().runtime_cpu_set == set()
+    with pytest.raises(ValidationError, match="CPU list"):
+        make_settings(runtime_cpus="cores 1 to 3")

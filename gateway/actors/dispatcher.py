@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Never
 
-import aiohttp
 import orjson
 
 from gateway import metrics, redis_client
@@ -41,9 +40,12 @@ from gateway.redis_client import REDIS_ERRORS, REDIS_OR_OS_ERRORS
 from gateway.redis_codec import text
 from gateway.settings import RuntimeBackend, Settings
 from gateway.tokens import usage_tokens
+from gateway.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
     from gateway.actors.usage import UsageAccountant
+
+_JSON = {"Content-Type": "application/json"}
 
 # Runtime answers that are worth another attempt (the rest of 4xx fail at once).
 _TRANSIENT_4XX = frozenset({408, 429})
@@ -85,8 +87,8 @@ class BatchDispatcher(Actor[Never]):
     name = "batch_dispatcher"
 
     def __init__(self, settings: Settings, queue: JobQueue, supervisor: RuntimeSupervisor,
-                 activity: RealtimeActivity, upstream: aiohttp.ClientSession,
-                 accountant: UsageAccountant | None = None, fleet: FleetStore | None = None, *,
+                 activity: RealtimeActivity, accountant: UsageAccountant | None = None,
+                 fleet: FleetStore | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.clock = clock
@@ -100,7 +102,12 @@ class BatchDispatcher(Actor[Never]):
         self.queue = queue
         self.supervisor = supervisor
         self.activity = activity
-        self.upstream = upstream
+        # The batch path's own client: the lean one of the realtime path (gateway/upstream.py), one keep-alive
+        # connection per slot kept between jobs, a couple more for the runtime's /metrics.
+        self.upstream = UpstreamPool(limit=settings.max_concurrent_batch + 4,
+                                     connect_timeout=settings.upstream_connect_timeout,
+                                     read_timeout=settings.batch_request_timeout,
+                                     max_idle=settings.max_concurrent_batch + 4)
         self.accountant = accountant
         self.owner = instance_id()
         self.slots = settings.max_concurrent_batch
@@ -164,7 +171,9 @@ class BatchDispatcher(Actor[Never]):
         await super().stop(timeout)
 
     async def on_stop(self) -> None:
-        """Stop a batch runtime started beside a sleeping realtime one (sleep mode); free the swap slot."""
+        """Stop a batch runtime started beside a sleeping realtime one (sleep mode); free the swap slot and
+        close the connections."""
+        self.upstream.close()
         if self._batch_runtime is not None:
             runtime, self._batch_runtime = self._batch_runtime, None
             await runtime.stop(timeout=self.settings.runtime_stop_timeout + 15)
@@ -745,23 +754,23 @@ class BatchDispatcher(Actor[Never]):
             metrics.BATCH_QUEUE_WAIT.observe(max(0.0, time.time() - float(fields.get("created_at") or time.time())))
         while True:
             before = snap
-            url = (snap.base_url or "").rstrip("/").removesuffix("/v1") + endpoint
             started = time.monotonic()
             status: int | None = None
             payload = b""
             failure = ""
             try:
-                async with self.upstream.post(url, data=body, headers={"Content-Type": "application/json"},
-                                              timeout=aiohttp.ClientTimeout(total=settings.batch_request_timeout)
-                                              ) as resp:
-                    status = resp.status
-                    payload = await resp.read()
-            except TimeoutError:
-                failure = f"the runtime did not answer within {settings.batch_request_timeout:g} s"
-                kind = "timeout"
-            except (aiohttp.ClientError, OSError) as exc:
-                failure = f"connection to the runtime failed: {type(exc).__name__}: {exc}"
-                kind = "connection_error"
+                # Cancelling this task (a cancel, a swap, co-serving) closes the connection, which makes the
+                # runtime abort the request.
+                exchange = await self.upstream.request(snap.base_url or "", endpoint, body, _JSON, until="body")
+                status = exchange.status
+                payload = await exchange.read()
+            except UpstreamError as exc:
+                if exc.kind == "timeout":
+                    failure = f"the runtime did not answer within {settings.batch_request_timeout:g} s"
+                    kind = "timeout"
+                else:
+                    failure = f"connection to the runtime failed: {exc}"
+                    kind = "connection_error"
             elapsed = time.monotonic() - started
             if status == 200:
                 metrics.BATCH_ATTEMPT_SECONDS.labels("ok").observe(elapsed)
@@ -955,7 +964,8 @@ class BatchDispatcher(Actor[Never]):
                 load = await self._runtime_load(snap) if snap.ready else RuntimeLoad()
                 active = self.activity.idle_for() < self.settings.coserve_window_seconds
                 decision = controller.step(self.activity.ttft, self.activity.itl, load, realtime_active=active,
-                                           priority=self.settings.priority_scheduling)
+                                           priority=self.settings.priority_scheduling,
+                                           first_token_wait=self.activity.first_token_wait())
                 if decision.ttft is not None:
                     metrics.COSERVE_REALTIME_TTFT.set(decision.ttft)
                 if self.group is None:
@@ -967,13 +977,14 @@ class BatchDispatcher(Actor[Never]):
 
     async def _runtime_load(self, snap: RuntimeSnapshot) -> RuntimeLoad:
         """The runtime's waiting/running/KV gauges; empty when its /metrics cannot be read right now."""
-        url = (snap.base_url or "").rstrip("/").removesuffix("/v1") + self.supervisor.flavour.metrics_path
         try:
-            async with self.upstream.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
-                if resp.status != 200:
+            async with asyncio.timeout(1.0):
+                exchange = await self.upstream.request(snap.base_url or "", self.supervisor.flavour.metrics_path,
+                                                       b"", {}, until="body", method=b"GET")
+                if exchange.status != 200:
                     return RuntimeLoad()
-                return parse_runtime_load((await resp.read()).decode(errors="replace"))
-        except (aiohttp.ClientError, OSError, TimeoutError):
+                return parse_runtime_load((await exchange.read()).decode(errors="replace"))
+        except (UpstreamError, TimeoutError):
             return RuntimeLoad()
 
     def set_limit(self, limit: int, reason: str) -> None:
@@ -989,19 +1000,19 @@ class BatchDispatcher(Actor[Never]):
             self._slot_free.set()
             self._wake.set()
             return
-        # Lower: jobs claimed ahead beyond the new room go back to the queue at once. Without priority
-        # scheduling the runtime serves in arrival order, so the newest requests it is working on are
-        # stopped too and requeued without costing an attempt; with it, the runtime already puts realtime
-        # first and in-flight batch requests finish.
+        # Lower: jobs claimed ahead beyond the new room go back to the queue at once, and the newest
+        # requests the runtime is working on beyond the limit are stopped and requeued without costing an
+        # attempt. Even with priority scheduling: the runtime puts realtime first in its waiting queue, but
+        # every running batch sequence still lengthens each step (a decode, a prefill chunk), so a limit
+        # that waited for in-flight requests to finish would act only a whole batch request later.
         waiting = sorted((r for r in self.inflight.values() if not r.sending and not r.job.settled),
                          key=lambda r: r.started, reverse=True)
         surplus = len(waiting) - min(self.prefetch, limit)
         victims = waiting[:max(0, surplus)]
-        if not self.settings.priority_scheduling:
-            sending = sorted((r for r in self.inflight.values() if r.sending and not r.job.settled),
-                             key=lambda r: r.started, reverse=True)
-            victims += sending[:max(0, len(sending) - limit)]
-            metrics.COSERVE_PREEMPTED.inc(max(0, len(sending) - limit))
+        sending = sorted((r for r in self.inflight.values() if r.sending and not r.job.settled),
+                         key=lambda r: r.started, reverse=True)
+        victims += sending[:max(0, len(sending) - limit)]
+        metrics.COSERVE_PREEMPTED.inc(max(0, len(sending) - limit))
         for running in victims:
             if running.task is not None and not running.task.done():
                 running.cancel_reason = "coserve"

@@ -85,6 +85,8 @@ def build_config(settings: Settings, model: str, *, nvidia_available: bool,
     else:
         host_port = str(settings.runtime_port) if settings.runtime_port else ""
         host_config["PortBindings"] = {port_key: [{"HostIp": "127.0.0.1", "HostPort": host_port}]}
+    if settings.runtime_cpus:
+        host_config["CpusetCpus"] = settings.runtime_cpus  # RUNTIME_CPUS: the runtime stays off the others
     gpus = settings.runtime_gpus
     if gpus == "all" or (gpus == "auto" and nvidia_available):
         host_config["DeviceRequests"] = [{"Driver": "nvidia", "Count": -1, "Capabilities": [["gpu"]]}]

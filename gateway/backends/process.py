@@ -79,9 +79,12 @@ class ProcessBackend(RuntimeBackend):
         env.update(self.settings.runtime_env_dict)
         self._lines.clear()
         try:
+            cpus = self.settings.runtime_cpu_set
+            # RUNTIME_CPUS: set in the child before exec, so every process the runtime starts inherits it.
+            pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=pin)
         except OSError as exc:
             raise BackendError(f"cannot run {argv[0]!r}: {exc}") from exc
         self._proc = proc

@@ -47,16 +47,16 @@ class LatencyWindow:
         """Record one sample now."""
         self._samples.append((self.clock(), seconds))
 
-    def values(self) -> list[float]:
-        """The samples still inside the window, oldest first."""
+    def values(self, since: float = float("-inf")) -> list[float]:
+        """The samples still inside the window (and taken after `since`), oldest first."""
         horizon = self.clock() - self.window
         while self._samples and self._samples[0][0] < horizon:
             self._samples.popleft()
-        return [v for _, v in self._samples]
+        return [v for t, v in self._samples if t > since]
 
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile (nearest rank) of the window, or None when it is empty."""
-        values = sorted(self.values())
+    def quantile(self, q: float, since: float = float("-inf")) -> float | None:
+        """The q-quantile (nearest rank) of the window (samples after `since`), or None when it is empty."""
+        values = sorted(self.values(since))
         if not values:
             return None
         return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
@@ -80,14 +80,21 @@ class ControllerConfig:
     itl_slo: float
     interval: float = 0.5
     quantile: float = 0.95
-    headroom: float = 0.7
-    """Grow only while the measured quantiles are below this share of their SLO."""
+    headroom: float = 0.5
+    """Grow only while the measured TTFT quantile is below this share of its SLO..."""
+    itl_headroom: float = 0.7
+    """...and the ITL quantile below this share of its (ITL barely depends on the request, so it sits closer
+    to its SLO even with no batch at all)."""
     decrease_factor: float = 0.5
     increase_step: int = 1
     kv_high: float = 0.95
     cooldown: float = 2.0
     """After a decrease, no increase for this long: the next measurements must reflect the new limit."""
     min_samples: int = 3
+    resume_share: float = 0.125
+    """When realtime comes back after an idle spell, the limit starts from the last one realtime traffic was
+    served under, or this share of max_limit before any: batch had every slot while realtime was away, and
+    the first requests of a burst must not meet all of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,24 +119,36 @@ class AdmissionController:
         self.limit = config.max_limit
         self.reason = "start"
         self._last_decrease = float("-inf")
+        self._active_limit: int | None = None  # the limit while realtime was last active
         self.history: deque[Decision] = deque(maxlen=history)
 
     def step(self, ttft: LatencyWindow, itl: LatencyWindow, load: RuntimeLoad, *, realtime_active: bool,
-             priority: bool) -> Decision:
+             priority: bool, first_token_wait: float = 0.0) -> Decision:
         """Decide the limit from the last window of realtime latency and the runtime's load.
 
         `realtime_active`: realtime requests arrived within the window. `priority`: the runtime schedules
         realtime first, so its waiting queue holds batch work and says nothing about realtime.
+        `first_token_wait`: how long the oldest realtime stream still without a first token has waited, a
+        TTFT the window has not seen yet.
         """
         cfg = self.config
         now = self.clock()
-        ttft_q = ttft.quantile(cfg.quantile) if len(ttft.values()) >= cfg.min_samples else None
-        itl_q = itl.quantile(cfg.quantile) if len(itl.values()) >= cfg.min_samples else None
+        # Only what was measured since the last decrease: older samples show the load of the old limit, and
+        # would keep cutting for a whole window after one cut.
+        since = self._last_decrease
+        ttft_q = ttft.quantile(cfg.quantile, since) if len(ttft.values(since)) >= cfg.min_samples else None
+        itl_q = itl.quantile(cfg.quantile, since) if len(itl.values(since)) >= cfg.min_samples else None
         limit, reason = self.limit, "holding"
         if not realtime_active:
             # No realtime traffic to protect: batch may use every slot.
             limit, reason = cfg.max_limit, "realtime_idle"
-        elif ttft_q is not None and ttft_q > cfg.ttft_slo:
+        elif self.reason in ("realtime_idle", "start"):
+            # Realtime is back: start where it was last served well, not from every slot.
+            resume = self._active_limit
+            if resume is None:
+                resume = max(1, math.floor(cfg.max_limit * cfg.resume_share))
+            limit, reason = min(self.limit, resume), "realtime_back"
+        elif (ttft_q is not None and ttft_q > cfg.ttft_slo) or first_token_wait > cfg.ttft_slo:
             limit, reason = math.floor(self.limit * cfg.decrease_factor), "ttft_over_slo"
         elif itl_q is not None and itl_q > cfg.itl_slo:
             limit, reason = math.floor(self.limit * cfg.decrease_factor), "itl_over_slo"
@@ -142,11 +161,13 @@ class AdmissionController:
         elif now - self._last_decrease < cfg.cooldown:
             reason = "cooldown"
         elif ((ttft_q is None or ttft_q < cfg.headroom * cfg.ttft_slo)
-              and (itl_q is None or itl_q < cfg.headroom * cfg.itl_slo)):
+              and (itl_q is None or itl_q < cfg.itl_headroom * cfg.itl_slo)):
             limit, reason = self.limit + cfg.increase_step, "headroom"
         limit = max(0, min(cfg.max_limit, limit))
         if limit < self.limit:
             self._last_decrease = now
+        if realtime_active:
+            self._active_limit = limit
         changed = limit != self.limit
         self.limit = limit
         self.reason = reason

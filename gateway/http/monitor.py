@@ -7,6 +7,7 @@ monitor scope (a bearer key, or the dashboard session cookie plus its CSRF token
 
 from __future__ import annotations
 
+import math
 import re
 import stat
 import time
@@ -18,7 +19,17 @@ from aiohttp import web
 
 from gateway.batch.jobs import JobStatus, is_job_id, job_view
 from gateway.errors import ApiError, bad_request
-from gateway.http.appkeys import API_KEY, BATCH_QUEUE, DISPATCHER, EVAL_RUNNER, SETTINGS, SUPERVISOR, TRAFFIC, USAGE
+from gateway.http.appkeys import (
+    ACTIVITY,
+    API_KEY,
+    BATCH_QUEUE,
+    DISPATCHER,
+    EVAL_RUNNER,
+    SETTINGS,
+    SUPERVISOR,
+    TRAFFIC,
+    USAGE,
+)
 from gateway.http.auth import requires_scope
 from gateway.http.errors import json_response, parse_limit
 from gateway.keys import Scope
@@ -135,6 +146,38 @@ async def batch_activity(app: web.Application) -> dict[str, Any]:
             "in_flight_here": status.in_flight if status else 0,
             "slots": app[SETTINGS].max_concurrent_batch, "dispatcher_enabled": status is not None,
             "group": status.group if status else None}
+
+
+COSERVE_SERIES_POINTS = 150
+
+
+def coserve_view(app: web.Application) -> dict[str, Any] | None:
+    """Co-serving for the overview: the batch limit now and why, realtime TTFT/ITL p95 against their SLOs,
+    and the controller's recent decisions (the last minutes, at most COSERVE_SERIES_POINTS points)."""
+    dispatcher = app.get(DISPATCHER)
+    if dispatcher is None:
+        return None
+    settings = app[SETTINGS]
+    status = dispatcher.status()
+    history = dispatcher.coserve_history()
+    to_wall = time.time() - time.monotonic()  # decisions are stamped with the monotonic clock
+    step = max(1, math.ceil(len(history) / COSERVE_SERIES_POINTS))
+    sampled = history[::step]
+    if history and sampled[-1] is not history[-1]:
+        sampled.append(history[-1])
+    last_change = next((d for d in reversed(history) if d.changed), None)
+    activity = app[ACTIVITY]
+    ttft, itl = activity.ttft.quantile(0.95), activity.itl.quantile(0.95)
+    return {
+        "adaptive": settings.coserve_adaptive, "limit": status.limit, "max_limit": status.slots,
+        "reason": status.limit_reason,
+        "last_change": ({"at": last_change.at + to_wall, "limit": last_change.limit, "reason": last_change.reason}
+                        if last_change is not None else None),
+        "ttft_p95_ms": ttft * 1000 if ttft is not None else None, "ttft_slo_ms": settings.realtime_ttft_slo_ms,
+        "itl_p95_ms": itl * 1000 if itl is not None else None, "itl_slo_ms": settings.realtime_itl_slo_ms,
+        "series": [{"at": d.at + to_wall, "limit": d.limit, "reason": d.reason,
+                    "ttft_p95_ms": d.ttft * 1000 if d.ttft is not None else None} for d in sampled],
+    }
 
 
 async def recent_errors(app: web.Application, limit: int = 15) -> list[dict[str, Any]]:
@@ -287,7 +330,7 @@ async def overview_data(app: web.Application) -> dict[str, Any]:
     series = sampler.series() if sampler else []
     data: dict[str, Any] = {"runtime": runtime_view(app), "last_swap": last_swap(app),
                             "realtime": {**traffic, "series": series}, "redis": "up",
-                            "queue": None, "batch": None, "recent_errors": []}
+                            "queue": None, "batch": None, "coserve": coserve_view(app), "recent_errors": []}
     try:
         data["queue"] = await queue_depth(app)
         data["batch"] = await batch_activity(app)

@@ -294,6 +294,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
     activity = app[ACTIVITY]
     accountant = app[ACCOUNTANT]
     activity.begin()
+    awaiting = activity.await_first_token() if stream else 0
     ok, prompt_tokens, completion_tokens = False, 0, 0
     try:
         started = time.perf_counter()
@@ -302,7 +303,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
                                                     until="headers" if stream else "body")
         if stream and upstream.status == 200:
             response, ok, prompt_tokens, completion_tokens = await _relay_stream(
-                request, upstream, started, path, client_wants_usage, responses=kind is Kind.RESPONSES)
+                request, upstream, started, path, client_wants_usage, awaiting, responses=kind is Kind.RESPONSES)
             return response
         payload = await upstream.read()
         metrics.UPSTREAM_TTFT_BY(path).observe(time.perf_counter() - started)
@@ -335,6 +336,8 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
             raise unavailable(request, now) from None
         raise _upstream_error(exc.kind, exc) from None
     finally:
+        if awaiting:
+            activity.stream_ended(awaiting)
         activity.end()
         accountant.record(UsageEvent(key_id, ok, prompt_tokens, completion_tokens))
 
@@ -390,10 +393,11 @@ class _SseRelay:
     """
 
     __slots__ = ("protocol", "transport", "upstream", "chunked", "wants_usage", "started", "path", "buffer", "first",
-                 "done", "prompt_tokens", "completion_tokens", "paused", "first_at", "last_at", "chunks", "responses")
+                 "done", "prompt_tokens", "completion_tokens", "paused", "first_at", "last_at", "chunks", "responses",
+                 "activity", "awaiting")
 
     def __init__(self, request: web.Request, transport: asyncio.Transport, upstream: Exchange, *, chunked: bool,
-                 wants_usage: bool, started: float, path: str, responses: bool = False) -> None:
+                 wants_usage: bool, started: float, path: str, responses: bool = False, awaiting: int = 0) -> None:
         self.protocol = request.protocol  # its transport becomes None when the client connection is lost
         self.transport, self.upstream, self.chunked = transport, upstream, chunked
         self.wants_usage, self.started, self.path = wants_usage, started, path
@@ -405,6 +409,8 @@ class _SseRelay:
         self.first_at = self.last_at = 0.0
         self.chunks = 0
         self.responses = responses
+        self.activity = request.app[ACTIVITY]
+        self.awaiting = awaiting
 
     def __call__(self, chunk: bytes) -> None:
         now = time.perf_counter()
@@ -414,6 +420,7 @@ class _SseRelay:
         if self.first:
             self.first_at = now
             metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
+            self.activity.first_token(self.awaiting, now - self.started)  # co-serving's signal, at once
             self.first = False
         self.last_at = now
         self.chunks += 1
@@ -467,6 +474,7 @@ class _SseRelay:
                 if self.first:
                     self.first_at = now
                     metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
+                    self.activity.first_token(self.awaiting, now - self.started)  # co-serving's signal, at once
                     self.first = False
                 self.last_at = now
                 self.chunks += 1
@@ -507,7 +515,7 @@ class _SseRelay:
 
 
 async def _relay_stream(request: web.Request, upstream: Exchange, started: float, path: str,
-                        client_wants_usage: bool, *, responses: bool = False,
+                        client_wants_usage: bool, awaiting: int = 0, *, responses: bool = False,
                         ) -> tuple[web.StreamResponse, bool, int, int]:
     """Relay SSE events as they come (see _SseRelay).
 
@@ -527,7 +535,7 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
         upstream.abort()
         return response, False, 0, 0
     relay = _SseRelay(request, transport, upstream, chunked=chunked, wants_usage=client_wants_usage, started=started,
-                      path=path, responses=responses)
+                      path=path, responses=responses, awaiting=awaiting)
     try:
         await upstream.relay(relay)
     except _ClientGone:
@@ -555,8 +563,10 @@ async def _relay_stream(request: web.Request, upstream: Exchange, started: float
         pass
     # What co-serving is judged by: time to first token, and the mean gap between the chunks after it
     # (the usage and [DONE] chunks excluded).
-    if relay.chunks:
-        request.app[ACTIVITY].record_stream(*relay.token_times())
+    # (the TTFT was recorded when the first token came).
+    _, itl = relay.token_times()
+    if itl is not None:
+        request.app[ACTIVITY].record_itl(itl)
     return response, True, relay.prompt_tokens, relay.completion_tokens
 
 

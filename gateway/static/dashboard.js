@@ -80,12 +80,17 @@
   }
 
   // --- charts (inline SVG)
-  function lineChart(values) {
+  function lineChart(values, ref) {
+    // ref: an optional reference value (an SLO), drawn as a dashed line and kept inside the scale.
     const width = 300, height = 48, pad = 2;
     const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img" });
     const points = values.map((v) => (v === null || v === undefined ? 0 : v));
     if (points.length < 2) return el("span", { class: "muted" }, "collecting data…");
-    const max = Math.max(...points, 1e-9);
+    const max = Math.max(...points, ref || 0, 1e-9);
+    if (ref) {
+      const y = (height - pad - (ref / max) * (height - 2 * pad)).toFixed(1);
+      chart.append(svg("path", { class: "ref", d: `M${pad} ${y} L${width - pad} ${y}` }));
+    }
     const step = (width - 2 * pad) / (points.length - 1);
     const coords = points.map((v, i) => [pad + i * step, height - pad - (v / max) * (height - 2 * pad)]);
     const line = coords.map(([x, y], i) => (i ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1)).join(" ");
@@ -137,6 +142,24 @@
     setText("rt-last-error", rt.last_error);
   }
 
+  function renderCoserve(c) {
+    const card = document.getElementById("coserve");
+    if (!card) return;
+    card.hidden = !c;
+    if (!c) return;
+    setText("cs-limit", num(c.limit) + " / " + num(c.max_limit));
+    setText("cs-ttft", ms(c.ttft_p95_ms));
+    setText("cs-ttft-slo", ms(c.ttft_slo_ms));
+    setText("cs-itl", ms(c.itl_p95_ms));
+    setText("cs-itl-slo", ms(c.itl_slo_ms));
+    const last = c.last_change;
+    setText("cs-reason", (c.adaptive ? "Adaptive" : "Fixed limit") + "; now: " + c.reason
+      + (last ? "; last change " + ago(last.at) + " to " + last.limit + " (" + last.reason + ")" : "; no change yet"));
+    const series = c.series || [];
+    fill("chart-cs-ttft", lineChart(series.map((p) => p.ttft_p95_ms), c.ttft_slo_ms));
+    fill("chart-cs-limit", lineChart(series.map((p) => p.limit), c.max_limit));
+  }
+
   const renderers = {
     overview(d) {
       renderRuntimeFacts(d.runtime);
@@ -157,6 +180,7 @@
       setText("b-here", b ? num(b.in_flight_here) + " / " + num(b.slots) : "–");
       setText("b-group", b ? (b.dispatcher_enabled ? (b.group ? "Batch group: " + b.group : "No batch group loaded")
         : "Dispatcher disabled in this gateway") : "");
+      renderCoserve(d.coserve);
       const rows = q ? q.by_model : [];
       const max = Math.max(1, ...rows.map((r) => r.queued));
       fill("queue-table", table(["Model", { label: "Queued", num: true }, "", "By priority"], rows.map((r) =>
