@@ -166,8 +166,10 @@ async def test_scopes_of_the_files_routes(gateway: Any) -> None:
 async def test_redis_down_is_a_503_not_a_500(aiohttp_client: Any, make_settings: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")))
     # The Batches routes, and every other route that needs Redis (jobs, evals): one answer for all.
-    routes = (("GET", "/v1/batches", "batch"), ("GET", "/v1/batches/batch_x", "batch"),
-              ("POST", "/v1/batches/batch_x/cancel", "batch"), ("GET", "/v1/jobs", "batch"),
+    # (Ids of the right shape: a malformed one is a 404 without asking Redis.)
+    batch_id = "batch_" + "0" * 24
+    routes = (("GET", "/v1/batches", "batch"), ("GET", f"/v1/batches/{batch_id}", "batch"),
+              ("POST", f"/v1/batches/{batch_id}/cancel", "batch"), ("GET", "/v1/jobs", "batch"),
               ("GET", "/v1/jobs/job_0123456789abcdef01234567", "batch"), ("GET", "/eval/runs", "eval"))
     for method, path, role in routes:
         resp = await client.request(method, path, headers=auth(role))

@@ -419,6 +419,7 @@ def test_aiohttp_log_lines_are_json_like_the_rest(capsys: pytest.CaptureFixture[
         logging.getLogger("aiohttp.web").warning("plain %s line", "aiohttp")
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
     finally:
-        configure_logging("warning", "console")
+        with capsys.disabled():  # back to the session's stderr, not this test's (closed after it)
+            configure_logging("warning", "console")
     assert [(e["logger"], e["level"]) for e in lines] == [("aiohttp.server", "error"), ("aiohttp.web", "warning")]
     assert "sekrit" not in json.dumps(lines) and lines[1]["event"] == "plain aiohttp line"
