@@ -20,6 +20,8 @@ from gateway.http.evals import EVAL_RUNNER
 from tests.api_helpers import create_run, wait_run
 from tests.conftest import KEY_IDS, REALTIME_MODEL, REDIS_URL, ROOT, auth, eventually, start_simulator, wait_ready
 
+pytestmark = pytest.mark.slow  # whole eval runs through the batch queue
+
 RUN_EVAL = ROOT / "eval-repo" / "run_eval.py"
 
 

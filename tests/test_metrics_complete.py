@@ -221,6 +221,7 @@ def test_promtool_accepts_the_config_the_rules_and_every_dashboard_query(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 async def test_prometheus_scrapes_the_gateway_with_the_example_config(aiohttp_client: Any, make_settings: Any,
                                                                       tmp_path: Path) -> None:
     client = await aiohttp_client(create_app(make_settings()))

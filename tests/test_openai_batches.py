@@ -31,6 +31,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.slow  # whole OpenAI batches, gateway restarts and SIGKILL
+
 CHAT = "/v1/chat/completions"
 
 

@@ -17,6 +17,8 @@ from gateway.bootstrap import create_app
 from gateway.http.appkeys import ACCOUNTANT
 from tests.conftest import KEY_IDS, REALTIME_MODEL, auth, eventually, free_port, wait_ready
 
+pytestmark = pytest.mark.slow  # a private Redis server stopped and started
+
 
 def _sample(name: str) -> float:
     """A counter's current value, read through the registry (0 before its first increment)."""

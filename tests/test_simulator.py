@@ -555,6 +555,7 @@ async def test_exit_at_start(launch: Any) -> None:
     assert not port_open(sim.port)
 
 
+@pytest.mark.slow
 async def test_start_delay(launch: Any) -> None:
     sim = launch("--sim-start-delay", "3", wait=False)
     deadline = time.monotonic() + 15

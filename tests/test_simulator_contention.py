@@ -307,6 +307,7 @@ async def complete(http: aiohttp.ClientSession, url: str, prompt_tokens: int, ma
         return result
 
 
+@pytest.mark.slow
 async def test_concurrent_load_raises_the_ttft_the_simulator_reports(
         sims: Any, http: aiohttp.ClientSession) -> None:
     # 20 ms a step + 1 ms a prefill token, 200 tokens a step: alone ~120 ms; 20 at once queue for ~1.2 s.
