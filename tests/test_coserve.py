@@ -196,6 +196,7 @@ async def test_queued_jobs_say_why_they_wait(aiohttp_client: Any, make_settings:
     await eventually(done, timeout=15)
 
 
+@pytest.mark.slow
 async def test_waiting_reasons_of_the_dispatcher(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> None:
     from gateway.http.appkeys import ACTIVITY, DISPATCHER
 

@@ -77,6 +77,7 @@ async def enqueue(app: Any, model: str, priority: int, key: str = "batch") -> st
     return job["id"]
 
 
+@pytest.mark.slow
 async def test_every_referenced_metric_exists_and_the_new_ones_move(aiohttp_client: Any, make_settings: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(queue_depth_refresh_seconds=0.05)))
     await wait_ready(client.app)

@@ -26,6 +26,8 @@ from gateway.simulator import parse_config
 from tests.conftest import start_simulator
 from tests.polling import eventually
 
+pytestmark = pytest.mark.slow  # drives the contention simulator under load
+
 MODEL = "contention-model"
 
 
