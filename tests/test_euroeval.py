@@ -62,8 +62,8 @@ async def test_euroeval_run_succeeds_through_the_gateway(aiohttp_client: Any, ma
     finally:
         rclient.close()
     log = Path(client.app[EVAL_RUNNER].settings.euroeval_debug_log).read_text()
-    token = client.app[EVAL_RUNNER]._tokens[KEY_IDS["eval"]]
-    assert token not in log and "--api-key <redacted>" in log
+    token = (tmp_path / "euroeval" / view["id"] / "fake_euroeval_api_key").read_text()
+    assert len(token) >= 32 and token not in log and "--api-key <redacted>" in log
     assert f"[{view['id']}] stdout: Evaluated angry-tweets: 3 requests" in log
     assert f"[{view['id']}] stderr: Using cache dir" in log
     assert f"[{view['id']}] adapter: exited with status 0" in log
