@@ -140,7 +140,8 @@ class Rig:
         self.runtime = FakeRuntime(settings, self.clock, base_url)
         self.queue = FakeQueue()
         self.activity = RealtimeActivity(clock=self.clock)
-        self.dispatcher = BatchDispatcher(settings, self.queue, self.runtime, self.activity,
+        # The fakes have the parts of JobQueue and RuntimeSupervisor the dispatcher uses, not their types.
+        self.dispatcher = BatchDispatcher(settings, self.queue, self.runtime, self.activity,  # type: ignore[arg-type]
                                           session, clock=self.clock)
 
     def realtime_request(self) -> None:
