@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.http.appkeys import BATCH_QUEUE
-from tests.conftest import auth, eventually
+from tests.conftest import auth
+from tests.polling import eventually
 
 EVAL_FINAL = ("completed", "failed", "cancelled")
 
@@ -34,7 +35,8 @@ async def wait_status(client: Any, job_id: str, statuses: set[str], timeout: flo
         job = await job_status(client, job_id)
         return job if job["status"] in statuses else None
 
-    return await eventually(check, timeout=timeout)
+    job: dict[str, Any] = await eventually(check, timeout=timeout)
+    return job
 
 
 async def events(client: Any) -> list[dict[str, str]]:
@@ -58,4 +60,5 @@ async def wait_run(client: Any, run_id: str, timeout: float = 60.0, role: str = 
         assert resp.status == 200, await resp.text()
         view: dict[str, Any] = await resp.json()
         return view if view["status"] in EVAL_FINAL else None
-    return await eventually(done, timeout=timeout, interval=0.1)
+    run: dict[str, Any] = await eventually(done, timeout=timeout, interval=0.1)
+    return run

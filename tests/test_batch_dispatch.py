@@ -16,6 +16,8 @@ from gateway.http.appkeys import DISPATCHER, REDIS, REDIS_KEYS
 from tests.api_helpers import events, submit, wait_status
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, eventually, start_simulator, wait_ready
 
+pytestmark = pytest.mark.slow  # the dispatcher end to end on simulators
+
 
 @pytest.fixture
 async def slow_sim() -> AsyncIterator[str]:

@@ -15,6 +15,8 @@ import redis.asyncio as aredis
 from tests.conftest import REALTIME_MODEL, REDIS_URL, TOKENS, start_simulator
 from tests.liveproc import gateway_env, start_gateway, stop_gateway
 
+pytestmark = pytest.mark.slow  # kills a gateway mid-queue (1000 jobs, two gateway processes)
+
 JOBS = 1000
 
 

@@ -16,6 +16,8 @@ from gateway.http.appkeys import ACTIVITY, DISPATCHER, SUPERVISOR
 from tests.api_helpers import events, job_status, submit, wait_status
 from tests.conftest import REALTIME_MODEL, auth, eventually, wait_ready
 
+pytestmark = pytest.mark.slow  # model swaps on a process runtime
+
 OTHER = "test-org/batch-model"
 
 

@@ -35,6 +35,8 @@ from tests.conftest import (
 )
 from tests.liveproc import http_status, stop_gateway
 
+pytestmark = pytest.mark.slow  # the CLI against live gateway processes
+
 
 def cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], env=env, cwd=cwd, capture_output=True, text=True,

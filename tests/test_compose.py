@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -28,6 +29,7 @@ def compose_config(directory: Path, env: str) -> subprocess.CompletedProcess[str
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_compose_config_validates_and_wires_the_orchestrator(tmp_path: Path) -> None:
     env = (ROOT / ".env.vllm.example").read_text() + "\nHOST_HF_CACHE=/srv/hf-cache\nRUNTIME_NETWORK=\n"
     result = compose_config(tmp_path, env)
@@ -59,6 +61,7 @@ def test_compose_config_validates_and_wires_the_orchestrator(tmp_path: Path) -> 
     assert grace.endswith("s") and int(grace.rstrip("s")) >= 60
 
 
+@pytest.mark.slow
 def test_compose_refuses_to_start_without_host_hf_cache(tmp_path: Path) -> None:
     result = compose_config(tmp_path, "REALTIME_MODEL=x\n")
     assert result.returncode != 0

@@ -240,6 +240,7 @@ async def test_upstream_bodies_carry_priority_only_when_enabled(
         assert all("priority" not in b for b in seen), seen
 
 
+@pytest.mark.slow
 async def test_queued_jobs_say_why_they_wait(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> None:
     from gateway.http.appkeys import DISPATCHER
 
@@ -271,6 +272,7 @@ async def test_queued_jobs_say_why_they_wait(aiohttp_client: Any, make_settings:
     await eventually(done, timeout=15)
 
 
+@pytest.mark.slow
 async def test_waiting_reasons_of_the_dispatcher(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> None:
     from gateway.http.appkeys import ACTIVITY, DISPATCHER
 

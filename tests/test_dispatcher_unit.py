@@ -148,8 +148,10 @@ class Rig:
         self.runtime = FakeRuntime(settings, self.clock, base_url)
         self.queue = FakeQueue()
         self.activity = RealtimeActivity(clock=self.clock)
-        # (The dispatcher sends through its own upstream pool; `session` is the tests' client.)
-        self.dispatcher = BatchDispatcher(settings, self.queue, self.runtime, self.activity, clock=self.clock)
+        # The dispatcher sends through its own upstream pool; `session` is the tests' client. The fakes have
+        # the parts of JobQueue and RuntimeSupervisor the dispatcher uses, not their types.
+        self.dispatcher = BatchDispatcher(settings, self.queue, self.runtime, self.activity,  # type: ignore[arg-type]
+                                          clock=self.clock)
 
     def realtime_request(self) -> None:
         self.activity.begin()

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs eval-repo/run_eval.py as a subprocess in every test
+
 EVAL_REPO = Path(__file__).resolve().parent.parent / "eval-repo"
 SCRIPT = EVAL_REPO / "run_eval.py"
 LETTERS = "ABCD"

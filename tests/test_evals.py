@@ -29,6 +29,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.slow  # whole eval runs through the batch queue
+
 RUN_EVAL = ROOT / "eval-repo" / "run_eval.py"
 
 

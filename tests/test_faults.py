@@ -26,6 +26,8 @@ from tests.liveproc import gateway_env, start_gateway, stop_gateway
 from tests.polling import wait_for_state
 from tests.runtimes import inspect
 
+pytestmark = pytest.mark.slow  # kill -9 loops and Docker Engine restarts
+
 JOBS = 300
 KILLS = 3
 

@@ -103,6 +103,15 @@ def test_no_module_reaches_into_private_attributes_of_another_object() -> None:
     assert not offenders, "private attributes read from outside their object:\n" + "\n".join(offenders)
 
 
+def test_tests_use_public_apis_not_private_attributes() -> None:
+    offenders = [f"{path.relative_to(ROOT)}:{line} {expr}"
+                 for directory in (ROOT / "tests", ROOT / "tests_vllm")
+                 for path in sorted(p for p in directory.rglob("*.py") if "node_modules" not in p.parts)
+                 for line, expr in _private_reaches(ast.parse(path.read_text(), str(path)))]
+    assert not offenders, ("tests read private attributes (ask for a public snapshot or query instead):\n"
+                           + "\n".join(offenders))
+
+
 def test_the_private_checker_sees_a_reach() -> None:
     tree = ast.parse("def f(dispatcher):\n    return dispatcher._inflight\n")
     assert [expr for _, expr in _private_reaches(tree)] == ["dispatcher._inflight"]

@@ -77,6 +77,7 @@ async def enqueue(app: Any, model: str, priority: int, key: str = "batch") -> st
     return job["id"]
 
 
+@pytest.mark.slow
 async def test_every_referenced_metric_exists_and_the_new_ones_move(aiohttp_client: Any, make_settings: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(queue_depth_refresh_seconds=0.05)))
     await wait_ready(client.app)
@@ -221,6 +222,7 @@ def test_promtool_accepts_the_config_the_rules_and_every_dashboard_query(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 async def test_prometheus_scrapes_the_gateway_with_the_example_config(aiohttp_client: Any, make_settings: Any,
                                                                       tmp_path: Path) -> None:
     client = await aiohttp_client(create_app(make_settings()))

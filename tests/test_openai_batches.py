@@ -32,6 +32,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.slow  # whole OpenAI batches, gateway restarts and SIGKILL
+
 CHAT = "/v1/chat/completions"
 
 

@@ -67,6 +67,7 @@ async def test_spec_lists_exactly_the_routes_of_the_app(make_settings: Any) -> N
         assert bool(operation["security"]) == (scope is not None), route
 
 
+@pytest.mark.slow
 async def test_openapi_json_is_public_and_valid(gateway: Any) -> None:
     resp = await gateway.get("/openapi.json")
     assert resp.status == 200
@@ -102,6 +103,7 @@ def _fuzz_operation(operation: Any, base: str, headers: dict[str, str], mode: Ge
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_fuzz_every_route_with_every_kind_of_key(tmp_path: Path, sim_url: str, redis_prefix: str,
                                                  keys_file: Path) -> None:
     # The fuzzer sends hundreds of unknown tokens from one address: the failed-auth throttle (tested in

@@ -14,10 +14,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.settings import Settings
 from tests.conftest import eventually
 from tests.runtimes import alive, process_pid
+
+pytestmark = pytest.mark.slow  # a runtime process tree killed mid-run
 
 # sh starts a long-lived child that inherits stdout (as vLLM's EngineCore does), then becomes the simulator.
 COMMAND = f"sh -c 'sleep 300 & exec \"$0\" -m gateway.simulator \"$@\"' {shlex.quote(sys.executable)}"

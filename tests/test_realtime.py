@@ -178,6 +178,7 @@ async def test_usage_counters_after_mixed_traffic(gateway: Any, test_redis: Redi
     assert 89 * 86400 < ttl <= 90 * 86400
 
 
+@pytest.mark.slow
 async def test_client_disconnect_cancels_upstream(aiohttp_client: Any, make_settings: Any) -> None:
     proc, url = start_simulator(REALTIME_MODEL, "--sim-itl", "0.05")
     try:
@@ -201,6 +202,7 @@ async def test_client_disconnect_cancels_upstream(aiohttp_client: Any, make_sett
         proc.wait(10)
 
 
+@pytest.mark.slow
 async def test_runtime_crash_mid_stream_ends_cleanly(aiohttp_client: Any, make_settings: Any) -> None:
     proc, url = start_simulator(REALTIME_MODEL, "--sim-itl", "0.01", "--sim-crash-after", "1")
     try:
@@ -227,6 +229,7 @@ async def test_runtime_crash_mid_stream_ends_cleanly(aiohttp_client: Any, make_s
         proc.wait(10)
 
 
+@pytest.mark.slow
 async def test_runtime_5xx_maps_to_502(aiohttp_client: Any, make_settings: Any) -> None:
     proc, url = start_simulator(REALTIME_MODEL, "--sim-fail-every", "1")
     try:

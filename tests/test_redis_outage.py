@@ -18,6 +18,8 @@ from gateway.http.appkeys import ACCOUNTANT
 from gateway.redis_keys import RedisKeys
 from tests.conftest import KEY_IDS, REALTIME_MODEL, auth, eventually, free_port, wait_ready
 
+pytestmark = pytest.mark.slow  # a private Redis server stopped and started
+
 
 def _sample(name: str) -> float:
     """A counter's current value, read through the registry (0 before its first increment)."""

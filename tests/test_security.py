@@ -231,6 +231,7 @@ async def test_oversized_headers_bodies_and_urls_get_4xx(gateway: Any) -> None:
 
 
 # --- slow clients
+@pytest.mark.slow
 async def test_slow_clients_are_cut_off(tmp_path: Path, sim_url: str, redis_prefix: str, keys_file: Path) -> None:
     env = gateway_env(tmp_path, redis_prefix, keys_file, sim_url, CLIENT_HEADER_TIMEOUT="1",
                       CLIENT_BODY_TIMEOUT="1")

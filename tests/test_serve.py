@@ -11,9 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.bootstrap import create_app
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, free_port, wait_http, wait_ready
 from tests.liveproc import http_status
+
+pytestmark = pytest.mark.slow  # gateway processes: signals, reloads, cold starts
 
 
 def test_sighup_reloads_keys_and_sigterm_stops(tmp_path: Path, sim_url: str, redis_prefix: str) -> None:

@@ -44,6 +44,7 @@ def test_invalid_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, env: 
     assert needle in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_stops_with_one_clear_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "MAX_CONCURRENT_BATCH": "-3"}
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve"], cwd=tmp_path, env=env,
@@ -53,6 +54,7 @@ def test_cli_stops_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_missing_keys_file(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "AUTH_KEYS_FILE": str(tmp_path / "nope.json")}
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve"], cwd=tmp_path, env=env,

@@ -472,6 +472,7 @@ async def test_metrics(sim: SimProcess, http: aiohttp.ClientSession) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_sleep_and_wake(launch: Any, http: aiohttp.ClientSession) -> None:
     sim = launch("--sim-sleep-delay", "0.1", "--sim-wake-delay", "0.1")
     async with http.get(sim.url + "/is_sleeping") as response:
@@ -507,6 +508,7 @@ async def test_sleep_and_wake(launch: Any, http: aiohttp.ClientSession) -> None:
         assert await response.json() == {"is_sleeping": False}
 
 
+@pytest.mark.slow
 async def test_client_disconnect_aborts(launch: Any, http: aiohttp.ClientSession) -> None:
     sim = launch("--sim-itl", "0.05")
     async with http.post(sim.url + "/v1/completions",
@@ -548,6 +550,7 @@ async def test_crash_after(launch: Any, http: aiohttp.ClientSession) -> None:
     assert "simulated crash" in sim.output().splitlines()[-1]
 
 
+@pytest.mark.slow
 async def test_exit_at_start(launch: Any) -> None:
     sim = launch("--sim-exit-at-start", "3", wait=False)
     assert await asyncio.to_thread(sim.proc.wait, 15) == 3
@@ -555,6 +558,7 @@ async def test_exit_at_start(launch: Any) -> None:
     assert not port_open(sim.port)
 
 
+@pytest.mark.slow
 async def test_start_delay(launch: Any) -> None:
     sim = launch("--sim-start-delay", "3", wait=False)
     deadline = time.monotonic() + 15
@@ -580,6 +584,7 @@ async def test_fail_every(launch: Any, http: aiohttp.ClientSession) -> None:
     assert statuses == [200, 500, 200, 500]
 
 
+@pytest.mark.slow
 async def test_hang_after_and_sglang_arguments(launch: Any, http: aiohttp.ClientSession) -> None:
     # An SGLang command line given as arguments: the launcher words are ignored.
     sim = launch("--sim-hang-after", "1", "--tp", "1", model_args=[

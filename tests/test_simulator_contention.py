@@ -26,6 +26,8 @@ from gateway.simulator import parse_config
 from tests.conftest import start_simulator
 from tests.polling import eventually
 
+pytestmark = pytest.mark.slow  # drives the contention simulator under load
+
 MODEL = "contention-model"
 
 
@@ -307,6 +309,7 @@ async def complete(http: aiohttp.ClientSession, url: str, prompt_tokens: int, ma
         return result
 
 
+@pytest.mark.slow
 async def test_concurrent_load_raises_the_ttft_the_simulator_reports(
         sims: Any, http: aiohttp.ClientSession) -> None:
     # 20 ms a step + 1 ms a prefill token, 200 tokens a step: alone ~120 ms; 20 at once queue for ~1.2 s.

@@ -7,10 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.actors.supervisor import RuntimeState
 from gateway.bootstrap import create_app
 from gateway.http.appkeys import DISPATCHER, SUPERVISOR
 from tests.conftest import REALTIME_MODEL, auth, eventually, wait_ready
+
+pytestmark = pytest.mark.slow  # runtime processes put to sleep and woken
 
 
 async def test_runtime_asleep_without_sleep_mode_is_woken(

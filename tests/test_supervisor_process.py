@@ -26,6 +26,8 @@ from tests.conftest import REALTIME_MODEL, free_port, start_simulator
 from tests.polling import wait_for_state
 from tests.runtimes import alive, process_pid
 
+pytestmark = pytest.mark.slow  # runtime processes started, crashed and restarted
+
 Factory = Callable[..., RuntimeSupervisor]
 
 

@@ -19,8 +19,7 @@ from aiohttp import web
 from gateway.actors.supervisor import RuntimeSnapshot, RuntimeState, RuntimeSupervisor
 from gateway.backends.base import BackendError, ExitInfo, RuntimeBackend
 from gateway.settings import Settings
-from tests.conftest import eventually
-from tests.polling import ManualClock
+from tests.polling import ManualClock, eventually
 
 MODEL = "org/realtime"
 BACKOFF = 0.02  # the first retry delay (seconds on the fake clock; the loop's real wait is as long)

@@ -32,6 +32,8 @@ from tests.conftest import (
     write_keys_file,
 )
 
+pytestmark = pytest.mark.slow  # gateway processes under a fake systemd notify socket
+
 TOKENS_OUT = 24
 
 

@@ -44,6 +44,8 @@ from tests.conftest import (
     write_keys_file,
 )
 
+pytestmark = pytest.mark.slow  # TUS uploads with real clients, restarts and SIGKILL
+
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
 MiB = 1024 * 1024

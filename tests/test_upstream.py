@@ -195,6 +195,7 @@ async def test_limit_bounds_requests_in_flight() -> None:
         pool.close()
 
 
+@pytest.mark.slow
 async def test_slow_client_pauses_reading_from_the_runtime(aiohttp_client: Any, make_settings: Any) -> None:
     """A client that stops reading a fast stream: the gateway stops reading from the runtime (it does not
     buffer the stream), and every event still arrives, in order, once the client reads again."""

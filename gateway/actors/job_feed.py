@@ -8,6 +8,8 @@ may have been missed, so each subscriber's `on_gap` is called and it re-reads wh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,7 +52,9 @@ class JobEventFeed(Service):
                 if last is None:
                     last = await self.queue.latest_event_id()
                     self._gap()
-                events = await self.queue.read_events(last, self.batch, self.block_ms)
+                events = await self._read_unless_stopped(last)
+                if events is None:
+                    return
             except REDIS_OR_OS_ERRORS as exc:
                 self.log.warning("job_feed_error", error=str(exc))
                 last = None
@@ -65,6 +69,23 @@ class JobEventFeed(Service):
                     except Exception:
                         self.log.exception("job_feed_subscriber_failed", event_id=event.id)
                 self.delivered += 1
+
+    async def _read_unless_stopped(self, last: str) -> list[JobEvent] | None:
+        """The next events after `last`, or None when a stop is asked first: a stop does not wait out the
+        blocking read (up to `block_ms`), which would add that much to every shutdown."""
+        read = asyncio.ensure_future(self.queue.read_events(last, self.batch, self.block_ms))
+        stop = asyncio.ensure_future(self._stop_asked.wait())
+        try:
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not read.done():
+                read.cancel()
+        if read.cancelled() or not read.done():
+            with contextlib.suppress(asyncio.CancelledError, *REDIS_OR_OS_ERRORS):
+                await read
+            return None
+        return read.result()
 
     def _gap(self) -> None:
         for sub in self._subscribers:
