@@ -118,6 +118,23 @@ async def test_embeddings_deterministic_normalised_dimensions_and_accounted(gate
     assert usage["prompt_tokens"] == str(4 + 3 + 3) and usage.get("completion_tokens", "0") == "0"
 
 
+async def test_litellm_embedding_call(gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteLLM as a library (`litellm.aembedding` with the openai provider), as apps on LiteLLM call it."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline: the package's own cost map
+    import litellm
+
+    direct = await sdk(gateway).embeddings.create(model=REALTIME_MODEL, input="lite one", encoding_format="float")
+    result = await litellm.aembedding(model=f"openai/{REALTIME_MODEL}", input=["lite one", "lite two"],
+                                      api_base=str(gateway.make_url("/v1")), api_key=TOKENS["realtime"],
+                                      encoding_format="float")
+    vectors = [item["embedding"] for item in result.data]
+    assert len(vectors) == 2 and vectors[0] == pytest.approx(direct.data[0].embedding, abs=1e-6)
+    assert vectors[1] != pytest.approx(vectors[0])
+    assert result.usage.prompt_tokens == 4
+    usage = await usage_of(gateway)
+    assert usage["requests"] == "2" and usage["prompt_tokens"] == str(2 + 4)
+
+
 async def test_models_retrieve_with_a_slash_and_an_alias(aiohttp_client: Any, make_settings: Any) -> None:
     client = await aiohttp_client(create_app(make_settings(model_aliases="short-name,team/alias")))
     await wait_ready(client.app)
