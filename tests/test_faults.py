@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aredis
 
 from gateway.actors.supervisor import RuntimeState
+from gateway.uploads.store import SHARED_MARKER
 from tests.conftest import REALTIME_MODEL, REDIS_URL, auth, start_simulator, wait_ready
 from tests.liveproc import gateway_env, start_gateway, stop_gateway
 from tests.polling import wait_for_state
@@ -159,7 +160,8 @@ async def test_upload_disk_full_is_a_clean_error_and_consistent(aiohttp_client: 
     assert offset == 512 * 1024 and data[:offset] == b"a" * offset
     # Once space is freed (another upload deleted), the upload resumes from that offset and finishes.
     for f in tiny_disk.iterdir():
-        assert f.name.startswith(upload_id), f  # nothing else was left behind
+        # Nothing else was left behind (the fleet's shared-directory marker aside).
+        assert f.name.startswith(upload_id) or f.name == SHARED_MARKER, f
     resp = await client.patch(location, headers={**patch, "Upload-Offset": str(offset)}, data=b"c" * 1024)
     assert resp.status == 204 and int(resp.headers["Upload-Offset"]) == offset + 1024
     assert os.path.getsize(tiny_disk / f"{upload_id}.bin") == offset + 1024

@@ -100,7 +100,9 @@ async def test_registry_lists_nodes_and_forgets_them(fleet: Any, make_settings: 
         resp = await a.get("/monitor/nodes", headers=auth("monitor"))
         assert resp.status == 200
         body = await resp.json()
-        return body if {n["node_id"] for n in body["data"]} == {"node-a", "node-b"} else None
+        ready = {n["node_id"] for n in body["data"] if n["runtime"]["state"] == "ready"}
+        # Both listed, and with a heartbeat sent since each runtime became ready (an entry may lag by one).
+        return body if ready == {"node-a", "node-b"} else None
 
     body = await eventually(both, timeout=10)
     entry = next(n for n in body["data"] if n["node_id"] == "node-a")
@@ -405,7 +407,10 @@ async def test_restart_stops_a_leftover_batch_runtime(fleet: Any, make_settings:
     stopped when the next gateway starts, not only at its next swap."""
     leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
     try:
-        argv = [a.decode() for a in Path(f"/proc/{leftover.pid}/cmdline").read_bytes().split(b"\0") if a]
+        cmdline = Path(f"/proc/{leftover.pid}/cmdline")
+        # Until the child has exec'd, its cmdline is still this test process's.
+        await eventually(lambda: b"time.sleep(300)" in cmdline.read_bytes(), timeout=10)
+        argv = [a.decode() for a in cmdline.read_bytes().split(b"\0") if a]
         pid_file = tmp_path / "runtime.pid"
         Path(f"{pid_file}.batch").write_bytes(orjson.dumps({"pid": leftover.pid, "argv": argv, "model": OTHER}))
         client = await fleet(make_settings(runtime_backend="process", runtime_url="", runtime_pid_file=str(pid_file),
