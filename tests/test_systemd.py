@@ -214,10 +214,10 @@ def test_sigterm_hands_a_running_batch_job_back_to_the_queue(tmp_path: Path, red
         conn.close()
         job_key = f"{redis_prefix}{{batch}}:job:{job_id}"
         deadline = time.monotonic() + 20
-        while client.hget(job_key, "status") != "running":
-            assert time.monotonic() < deadline, "the job never started"
+        # Claimed (running) first, then sent: the attempt counts from the send.
+        while client.hmget(job_key, ["status", "attempt"]) != ["running", "1"]:
+            assert time.monotonic() < deadline, "the job was never sent"
             time.sleep(0.05)
-        assert client.hget(job_key, "attempt") == "1"
         notify_socket.wait_for("STATUS", "; batch 1 running, 0 queued", contains=True)  # systemctl status shows it
         proc.send_signal(signal.SIGTERM)
         notify_socket.wait_for("STOPPING")
