@@ -214,7 +214,7 @@ class BatchRecords:
     async def status_expiring(self, batch_id: str) -> tuple[str, bool]:
         """The batch's status ('' when its record is gone) and whether it is finalizing as expired."""
         status, expiring = await self.redis.hmget(self.keys.openai_batch(batch_id), ["status", "expiring"])
-        return opt_text(status) or "", expiring == b"1"
+        return opt_text(status) or "", opt_text(expiring) == "1"
 
     async def counter(self, batch_id: str, name: str) -> int:
         """An integer field of the batch (`enqueued_line`, `invalid`, ...), 0 when unset."""
