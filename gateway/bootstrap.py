@@ -30,6 +30,7 @@ from gateway.actors.supervisor import RuntimeSupervisor
 from gateway.actors.traffic import TrafficSampler
 from gateway.actors.usage import UsageAccountant
 from gateway.batch.queue import JobQueue
+from gateway.evals.runs import RunStore
 from gateway.fleet.store import FleetStore
 from gateway.http import (
     admin,
@@ -74,6 +75,7 @@ from gateway.http.errors import retry_hint
 from gateway.http.throttle import AuthThrottle
 from gateway.keys import Keyring
 from gateway.openai_batches.manager import BatchManager
+from gateway.openai_batches.records import BatchRecords
 from gateway.settings import Settings
 from gateway.start_times import StartTimeStore
 from gateway.uploads import UploadStore, UploadSweeper
@@ -244,11 +246,12 @@ def create_app(settings: Settings) -> web.Application:
     ctx.append(actor_ctx(JOB_FEED, lambda a: JobEventFeed(a[BATCH_QUEUE]), 5))
     # The EvalRunner submits through the batch queue.
     ctx.append(actor_ctx(EVAL_RUNNER, lambda a: EvalRunner(
-        settings, a[REDIS], a[REDIS_KEYS], a[BATCH_QUEUE], a[KEYRING], a[JOB_FEED]), _shutdown_timeout))
+        settings, RunStore(a[REDIS], a[REDIS_KEYS]), a[BATCH_QUEUE], a[KEYRING], a[JOB_FEED]), _shutdown_timeout))
     ctx.append(actor_ctx(UPLOAD_SWEEPER, lambda a: _sweeper(a, settings), 5))
     # The Batches manager reads input files from the upload store and enqueues on the batch queue.
     ctx.append(actor_ctx(BATCH_MANAGER, lambda a: BatchManager(
-        settings, a[REDIS], a[REDIS_KEYS], a[BATCH_QUEUE], a[UPLOADS], a[JOB_FEED],
+        settings, BatchRecords(a[REDIS], a[REDIS_KEYS], settings.batch_job_ttl_seconds), a[BATCH_QUEUE],
+        a[UPLOADS], a[JOB_FEED],
         uploads_shared=lambda: a[NODE_REGISTRY].uploads_shared), _shutdown_timeout))
     ctx.append(actor_ctx(QUEUE_DEPTH_SAMPLER, lambda a: QueueDepthSampler(a[BATCH_QUEUE], settings), 5))
     ctx.append(actor_ctx(TRAFFIC, lambda a: TrafficSampler(), 5))

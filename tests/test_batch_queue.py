@@ -180,6 +180,21 @@ async def test_finish_many_in_one_round_trip(make_queue: Callable[..., JobQueue]
     assert statuses == ["cancelled"] + ["completed"] * 4
 
 
+async def test_job_fields_reads_many_jobs_in_order_and_none_for_a_gone_one(
+        make_queue: Callable[..., JobQueue]) -> None:
+    queue = make_queue()
+    first = (await queue.enqueue("k", sub(prompt="a")))["id"]
+    second = (await queue.enqueue("k", sub(prompt="b")))["id"]
+    [held] = await queue.claim(MODEL, 1, "a")
+    assert held.id == first
+    assert await queue.finish(held, {"status": "completed", "response": '{"ok": 1}'}, "completed")
+    gone = new_job_id()
+    rows = await queue.job_fields([second, gone, first], ("status", "response"))
+    assert rows == [[b"queued", None], [None, None], [b"completed", b'{"ok": 1}']]
+    assert await queue.statuses([first, gone, second]) == ["completed", None, "queued"]
+    assert await queue.job_fields([], ("status",)) == []
+
+
 async def test_leased_job_that_was_finished_only_loses_its_lease(make_queue: Callable[..., JobQueue]) -> None:
     queue = make_queue(batch_lease_seconds=0.3)
     job_id = (await queue.enqueue("k", sub()))["id"]

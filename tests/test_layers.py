@@ -4,6 +4,7 @@ module reaches into another object's private attributes."""
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +150,45 @@ def test_the_test_import_checker_sees_each_form() -> None:
     for source in ("from tests.conftest import auth", "from tests.api_helpers import submit", "import pytest",
                    "from aiohttp.test_utils import TestClient"):
         assert not list(_test_module_imports("tests", ast.parse(source))), source
+
+
+# --- one owner per Redis schema: only the owning store builds a schema's key names (and so reads or
+# writes those keys); everyone else asks the store through its typed methods.
+_SCHEMA_OWNERS = {
+    "job queue": (re.compile(r"^job(_\w+)?$"), "gateway.batch.queue"),
+    "OpenAI batch records": (re.compile(r"^openai_batch\w*$"), "gateway.openai_batches.records"),
+    "eval runs": (re.compile(r"^eval_run\w*$"), "gateway.evals.runs"),
+    "usage": (re.compile(r"^(key_usage\w*|usage_flushes)$"), "gateway.usage_store"),
+}
+# Where the names are defined, the client is made, and the stores are wired together.
+_SCHEMA_NEUTRAL = {"gateway.redis_keys", "gateway.redis_client", "gateway.bootstrap"}
+
+
+def _schema_key_uses(module: str, tree: ast.Module) -> Iterator[tuple[int, str, str]]:
+    """`<...keys>.<name>` where `name` belongs to a schema that `module` does not own."""
+    if module in _SCHEMA_NEUTRAL:
+        return
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or "keys" not in ast.unparse(node.value).lower():
+            continue
+        for schema, (names, owner) in _SCHEMA_OWNERS.items():
+            if names.match(node.attr) and module != owner:
+                yield node.lineno, ast.unparse(node), schema
+
+
+def test_only_the_owning_store_builds_a_schemas_keys() -> None:
+    offenders = [f"{path.relative_to(ROOT)}:{line} {expr} (the {schema} belong to "
+                 f"{_SCHEMA_OWNERS[schema][1]}: add a method there)"
+                 for module, path, tree in _modules() for line, expr, schema in _schema_key_uses(module, tree)]
+    assert not offenders, "Redis keys built outside their owning store:\n" + "\n".join(offenders)
+
+
+def test_the_schema_checker_sees_each_form() -> None:
+    for source in ("self.keys.job(job_id)", "keys.job_events", "self.keys.openai_batch_jobs(b)",
+                   "app[REDIS_KEYS].eval_runs_active", "redis_keys.key_usage_day(k, d)",
+                   "def f(self):\n    return self.keys.usage_flushes(k)"):
+        assert list(_schema_key_uses("gateway.openai_batches.manager", ast.parse(source))), source
+    assert not list(_schema_key_uses("gateway.batch.queue", ast.parse("self.keys.job(job_id)")))
+    assert not list(_schema_key_uses("gateway.evals.runs", ast.parse("self.keys.eval_run(r)")))
+    assert not list(_schema_key_uses("gateway.monitor", ast.parse("self.keys.fleet_nodes")))
+    assert list(_schema_key_uses("gateway.evals.runs", ast.parse("self.keys.job(j)")))

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
-from gateway import metrics, redis_client
+from gateway import metrics
 from gateway.actors.base import STOP, Actor
 from gateway.actors.job_feed import JobEventFeed
 from gateway.batch.jobs import Endpoint, parse_submission
@@ -34,8 +33,7 @@ from gateway.evals.runs import FINAL_STATUSES, Harness, RunSpec, RunStatus, RunS
 from gateway.keys import ApiKey, Keyring, Scope
 from gateway.policy import ModelPolicy
 from gateway.redis_client import REDIS_OR_OS_ERRORS
-from gateway.redis_codec import as_bytes, hash_fields, opt_text, text_hash, texts
-from gateway.redis_keys import RedisKeys
+from gateway.redis_codec import opt_text
 from gateway.settings import Settings
 
 # Crashes (not protocol errors: those fail the run at once) a run may have before it is failed for good.
@@ -57,14 +55,12 @@ class EvalRunner(Actor[_Start | _Cancel]):
 
     name = "eval_runner"
 
-    def __init__(self, settings: Settings, redis: Redis, keys: RedisKeys, queue: JobQueue, keyring: Keyring,
+    def __init__(self, settings: Settings, store: RunStore, queue: JobQueue, keyring: Keyring,
                  feed: JobEventFeed, *, owner: str | None = None) -> None:
         super().__init__()
         feed.subscribe(self._on_event, self._on_gap)
         self.settings = settings
-        self.redis = redis
-        self.keys = keys
-        self.store = RunStore(redis, keys)
+        self.store = store
         self.queue = queue
         self.keyring = keyring
         self.repo = EvalRepo(settings.eval_repo_dir)
@@ -104,8 +100,8 @@ class EvalRunner(Actor[_Start | _Cancel]):
         if run.get("status") in FINAL_STATUSES:
             return f"already:{run['status']}", run
         # Read the jobs before finishing: finishing drops the run's working data.
-        jobs = text_hash(await self.redis.hgetall(self.keys.eval_run_jobs(run_id)))
-        answered = set(texts(await self.redis.hkeys(self.keys.eval_run_answers(run_id))))
+        jobs = await self.store.sample_jobs(run_id)
+        answered = await self.store.answered_samples(run_id)
         if not await self.store.finish(run_id, RunStatus.CANCELLED, {}):
             run = await self.store.get(run_id)
             return (f"already:{run['status']}", run) if run else ("missing", None)
@@ -235,7 +231,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             self._retry_at[run_id] = time.monotonic() + self.settings.eval_lease_seconds
             self.log.exception("eval_run_crashed", run_id=run_id)
             with contextlib.suppress(*REDIS_OR_OS_ERRORS):
-                crashes = await self.redis.hincrby(self.keys.eval_run(run_id), "crashes", 1)
+                crashes = await self.store.count_crash(run_id)
                 if crashes >= MAX_RUN_CRASHES:
                     await self._fail(run, f"internal error after {crashes} attempts: {type(exc).__name__}: {exc}",
                                      "internal")
@@ -266,7 +262,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
     async def _drive_eval_repo(self, run: dict[str, str], spec: RunSpec) -> None:
         run_id, key_id = run["id"], run["key_id"]
         assert spec.eval is not None
-        raw_requests = [as_bytes(x) for x in await self.redis.lrange(self.keys.eval_run_requests(run_id), 0, -1)]
+        raw_requests = await self.store.requests(run_id)
         if not raw_requests:
             if await self.store.update(run_id, {"status": RunStatus.PREPARING.value,
                                                 "started_at": run.get("started_at") or repr(time.time())}) != "ok":
@@ -279,17 +275,14 @@ class EvalRunner(Actor[_Start | _Cancel]):
             if not raw_requests:
                 await self._fail(run, "run_eval.py prepare selected no samples", "no_samples")
                 return
-            pipe = await redis_client.transaction(self.redis)  # one slot: `{evals}`
-            pipe.delete(self.keys.eval_run_requests(run_id))
-            pipe.rpush(self.keys.eval_run_requests(run_id), *raw_requests)
-            await pipe.execute()
+            await self.store.save_requests(run_id, raw_requests)
         if await self.store.update(run_id, {"status": RunStatus.RUNNING.value,
                                             "started_at": run.get("started_at") or repr(time.time())}) != "ok":
             await self._drop_working_data(run_id)
             return
         requests = [orjson.loads(line) for line in raw_requests]
-        jobs = text_hash(await self.redis.hgetall(self.keys.eval_run_jobs(run_id)))
-        answered = set(texts(await self.redis.hkeys(self.keys.eval_run_answers(run_id))))
+        jobs = await self.store.sample_jobs(run_id)
+        answered = await self.store.answered_samples(run_id)
         outstanding = {sid: job for sid, job in jobs.items() if sid not in answered}
         to_send = deque(r for r in requests if r["id"] not in jobs and r["id"] not in answered)
         wake = self._wake.setdefault(run_id, asyncio.Event())
@@ -316,7 +309,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
         if await self.store.update(run_id, {"status": RunStatus.SCORING.value}) != "ok":
             await self._drop_working_data(run_id)
             return
-        lines = [as_bytes(x) for x in await self.redis.hvals(self.keys.eval_run_answers(run_id))]
+        lines = await self.store.answers(run_id)
         try:
             result = await self.repo.score(spec.eval, spec.options, lines)
         except EvalRepoError as exc:
@@ -338,13 +331,13 @@ class EvalRunner(Actor[_Start | _Cancel]):
             # The eval asked for something the batch API refuses: the sample fails, the run goes on.
             message = exc.message if isinstance(exc, ApiError) else str(exc)
             line = {"id": sample, "error": f"the gateway refused the request: {message}"}
-            await self.redis.hset(self.keys.eval_run_answers(run_id), sample, orjson.dumps(line))
+            await self.store.record_answers(run_id, {sample: orjson.dumps(line)})
             metrics.EVAL_SAMPLES.labels("failed").inc()
             return
         job = await self.queue.enqueue(key_id, submission)
         # A crash between these two writes leaves one job unrecorded: the sample is sent again on resume
         # and the stray job's answer is ignored (docs/evals.md).
-        await self.redis.hset(self.keys.eval_run_jobs(run_id), sample, job["id"])
+        await self.store.record_job(run_id, sample, job["id"])
         outstanding[sample] = job["id"]
         self._job_runs[job["id"]] = run_id
         metrics.EVAL_SAMPLES.labels("submitted").inc()
@@ -354,10 +347,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
         if not outstanding:
             return 0
         items = list(outstanding.items())
-        pipe = self.redis.pipeline(transaction=False)
-        for _, job_id in items:
-            pipe.hmget(self.keys.job(job_id), ["status", "response", "error"])
-        rows = await pipe.execute()
+        rows = await self.queue.job_fields([job_id for _, job_id in items], ("status", "response", "error"))
         answers: dict[str, bytes] = {}
         for (sample, job_id), (raw_status, response, error) in zip(items, rows, strict=True):
             status = opt_text(raw_status)
@@ -379,7 +369,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             answers[sample] = orjson.dumps(line)
             metrics.EVAL_SAMPLES.labels("answered" if "response" in line else "failed").inc()
         if answers:
-            await self.redis.hset(self.keys.eval_run_answers(run_id), mapping=hash_fields(answers))
+            await self.store.record_answers(run_id, answers)
             for sample in answers:
                 self._job_runs.pop(outstanding.pop(sample), None)
         return len(answers)
@@ -392,8 +382,7 @@ class EvalRunner(Actor[_Start | _Cancel]):
             await self._drop_working_data(run_id)
 
     async def _drop_working_data(self, run_id: str) -> None:
-        await self.redis.delete(self.keys.eval_run_requests(run_id), self.keys.eval_run_jobs(run_id),
-                                self.keys.eval_run_answers(run_id))
+        await self.store.drop_working_data(run_id)
 
     async def _cancel_jobs(self, job_ids: list[str], key_id: str) -> None:
         for job_id in job_ids:

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from gateway import metrics, redis_client
 from gateway.batch.jobs import PRIORITY_MAX, PRIORITY_MIN, JobStatus, Submission, decode_hash, new_job_id
-from gateway.redis_codec import stream_entries, text, texts, xread_entries
+from gateway.redis_codec import opt_text, stream_entries, text, texts, xread_entries
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -451,6 +451,21 @@ class JobQueue:
         if key_id is not None and job.get("key_id") != key_id:
             return None
         return job
+
+    async def job_fields(self, job_ids: Sequence[str], fields: Sequence[str]
+                         ) -> builtins.list[builtins.list[bytes | None]]:
+        """HMGET of `fields` for each of `job_ids`, in their order, as raw values (a job whose hash expired
+        or was deleted gives None for every field). One pipeline: every job hash is in the `{batch}` slot."""
+        if not job_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), builtins.list(fields))
+        return [builtins.list(row) for row in await pipe.execute()]
+
+    async def statuses(self, job_ids: Sequence[str]) -> builtins.list[str | None]:
+        """The status of each of `job_ids`, in their order (None for a job whose hash is gone)."""
+        return [opt_text(status) for (status,) in await self.job_fields(job_ids, ("status",))]
 
     async def list(self, key_id: str | None, *, limit: int, after: str | None = None,
                    status: str | None = None, model: str | None = None, scan_max: int = 5000) -> ListPage:

@@ -7,10 +7,11 @@ the result stays. docs/evals.md has the whole picture.
 
 from __future__ import annotations
 
+import builtins
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,7 +25,7 @@ from gateway.errors import bad_request
 from gateway.evals.euroeval import GENERATIVE_TYPES
 from gateway.evals.evalrepo import EvalRepo
 from gateway.policy import ModelPolicy
-from gateway.redis_codec import hash_fields, opt_text, text, text_hash, texts
+from gateway.redis_codec import as_bytes, hash_fields, opt_text, text, text_hash, texts
 from gateway.redis_keys import RedisKeys
 from gateway.settings import Settings
 
@@ -377,6 +378,47 @@ class RunStore:
             return found, None
         more = await self.redis.zrevrangebylex(self.keys.eval_runs, f"({last_seen}", "-", start=0, num=1)
         return found, last_seen if more else None
+
+    # --- an eval-repo run's working data: its prepared requests, the batch job and the answer of each sample
+    async def requests(self, run_id: str) -> builtins.list[bytes]:
+        """The run's prepared requests (JSON lines), empty before `save_requests`."""
+        return [as_bytes(x) for x in await self.redis.lrange(self.keys.eval_run_requests(run_id), 0, -1)]
+
+    async def save_requests(self, run_id: str, raw_requests: Sequence[bytes]) -> None:
+        """Store the prepared requests, replacing any earlier ones, in one transaction."""
+        pipe = await redis_client.transaction(self.redis)  # one slot: `{evals}`
+        pipe.delete(self.keys.eval_run_requests(run_id))
+        pipe.rpush(self.keys.eval_run_requests(run_id), *raw_requests)
+        await pipe.execute()
+
+    async def sample_jobs(self, run_id: str) -> dict[str, str]:
+        """Sample id -> the batch job id it was sent as."""
+        return text_hash(await self.redis.hgetall(self.keys.eval_run_jobs(run_id)))
+
+    async def record_job(self, run_id: str, sample: str, job_id: str) -> None:
+        """The sample was sent as batch job `job_id`."""
+        await self.redis.hset(self.keys.eval_run_jobs(run_id), sample, job_id)
+
+    async def answered_samples(self, run_id: str) -> set[str]:
+        """Ids of the samples that have an answer (or a recorded failure)."""
+        return set(texts(await self.redis.hkeys(self.keys.eval_run_answers(run_id))))
+
+    async def answers(self, run_id: str) -> builtins.list[bytes]:
+        """Every recorded answer line (JSON)."""
+        return [as_bytes(x) for x in await self.redis.hvals(self.keys.eval_run_answers(run_id))]
+
+    async def record_answers(self, run_id: str, answers: Mapping[str, bytes]) -> None:
+        """Record answer lines (JSON) by sample id."""
+        await self.redis.hset(self.keys.eval_run_answers(run_id), mapping=hash_fields(answers))
+
+    async def drop_working_data(self, run_id: str) -> None:
+        """Delete the run's requests, jobs and answers (the run hash and its counts stay)."""
+        await self.redis.delete(self.keys.eval_run_requests(run_id), self.keys.eval_run_jobs(run_id),
+                                self.keys.eval_run_answers(run_id))
+
+    async def count_crash(self, run_id: str) -> int:
+        """Count one more crash of the run; returns the total."""
+        return int(await self.redis.hincrby(self.keys.eval_run(run_id), "crashes", 1))
 
     # --- leases: one gateway works on a run at a time
     async def take_lease(self, run_id: str, owner: str, seconds: float) -> bool:

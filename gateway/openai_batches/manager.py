@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
-from gateway import metrics, redis_client
+from gateway import metrics
 from gateway.actors.base import STOP, Actor
 from gateway.actors.job_feed import JobEventFeed
 from gateway.batch.jobs import Endpoint
@@ -42,8 +41,7 @@ from gateway.openai_batches.lines import GoodLine, LineError, LineRules, RawLine
 from gateway.openai_batches.records import BatchRecords, BatchStatus
 from gateway.policy import ModelPolicy
 from gateway.redis_client import REDIS_OR_OS_ERRORS
-from gateway.redis_codec import as_bytes, opt_text, text, texts
-from gateway.redis_keys import RedisKeys
+from gateway.redis_codec import text
 from gateway.settings import Settings
 from gateway.tokens import usage_tokens
 from gateway.uploads.errors import UploadError
@@ -117,7 +115,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
 
     name = "openai_batch_manager"
 
-    def __init__(self, settings: Settings, redis: Redis, keys: RedisKeys, queue: JobQueue,
+    def __init__(self, settings: Settings, records: BatchRecords, queue: JobQueue,
                  store: UploadStore, feed: JobEventFeed, *, uploads_shared: Callable[[], bool | None] | None = None,
                  owner: str | None = None) -> None:
         super().__init__()
@@ -127,11 +125,9 @@ class BatchManager(Actor[_Drive | _Rescan]):
         unless it is True. Without the callable (a manager on its own) the directory is taken as shared."""
         feed.subscribe(self._on_event, self._on_gap)
         self.settings = settings
-        self.redis = redis
-        self.keys = keys
         self.queue = queue
         self.store = store
-        self.records = BatchRecords(redis, keys, settings.batch_job_ttl_seconds)
+        self.records = records
         self._tracked: dict[str, _Tracked] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._retry_at: dict[str, float] = {}
@@ -275,7 +271,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
     async def _drive(self, batch_id: str) -> None:
         batch = await self.records.get(batch_id)
         if batch is None:
-            await self.redis.srem(self.keys.openai_batches_active, batch_id)
+            await self.records.forget_active(batch_id)
             return
         status = BatchStatus(batch["status"])
         if status.final:
@@ -308,7 +304,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
             except BatchFileError as exc:
                 # The input vanished mid-way (TUS termination): what was enqueued still runs and is reported.
                 log.warning("openai_batch_input_lost", code=exc.code, reason=exc.message)
-                done_through = int(await self.redis.hget(self.keys.openai_batch(batch_id), "enqueued_line") or 0)
+                done_through = await self.records.counter(batch_id, "enqueued_line")
                 errors = {"object": "list", "data": [{"code": exc.code, "message": exc.message, "param": None,
                                                       "line": done_through + 1}]}
                 await self.records.set(batch_id, {"errors": orjson.dumps(errors).decode(), "enqueue_done": "1"})
@@ -351,12 +347,11 @@ class BatchManager(Actor[_Drive | _Rescan]):
         model = ""
         details: list[LineError] = []
         limit = self.settings.openai_batch_max_lines
-        status_key = self.keys.openai_batch(batch["id"])
         async for raw in self._input_lines(batch):
             lines += 1
             if lines % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # checking lines is CPU work: let realtime requests through
-            if lines % 10_000 == 0 and await self.redis.hget(status_key, "status") != b"validating":
+            if lines % 10_000 == 0 and await self.records.status(batch["id"]) != BatchStatus.VALIDATING.value:
                 return lines, model  # cancelled while a large file was being read: the caller sees it
             if lines > limit:
                 raise BatchFileError("too_many_lines", f"The input file has more than {limit} requests (lines); "
@@ -396,28 +391,16 @@ class BatchManager(Actor[_Drive | _Rescan]):
 
     async def _load_jobs(self, batch_id: str, tracked: _Tracked) -> None:
         """Rebuild what is known of the batch's jobs from Redis (the list of ids and their statuses)."""
-        key = self.keys.openai_batch_jobs(batch_id)
-        start = 0
-        while True:
-            ids = texts(await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1))
-            if not ids:
-                break
-            start += len(ids)
+        async for ids in self.records.job_id_chunks(batch_id, _SCAN_CHUNK):
             # Known before their status is read: an outcome event arriving meanwhile is not lost.
             for job_id in ids:
                 tracked.pending.add(job_id)
                 self._job_batch[job_id] = batch_id
-            statuses = await self._statuses(ids)
+            statuses = await self.queue.statuses(ids)
             for job_id, status in zip(ids, statuses, strict=True):
                 if status in _FINAL_JOB or status is None:
                     tracked.settle(job_id, status or "failed")
         tracked.dirty = True
-
-    async def _statuses(self, ids: list[str]) -> list[str | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(self.keys.job(job_id), "status")
-        return [opt_text(v) for v in await pipe.execute()]
 
     async def _enqueue(self, batch: dict[str, str], tracked: _Tracked) -> None:
         """Second pass: enqueue the good lines after the cursor, a chunk per MULTI/EXEC."""
@@ -437,18 +420,13 @@ class BatchManager(Actor[_Drive | _Rescan]):
             # lease ahead of it (a chunk takes milliseconds), so two nodes never enqueue the same lines.
             if await self.records.take_owner(batch_id, self.owner, self.settings.fleet_lease_seconds) != "ok":
                 raise _LostOwnership(batch_id)
-            status = await self.redis.hget(self.keys.openai_batch(batch_id), "status")
-            if status != BatchStatus.IN_PROGRESS.value.encode():
+            if await self.records.status(batch_id) != BatchStatus.IN_PROGRESS.value:
                 return False  # cancelling or expired: stop feeding the queue
-            pipe = await redis_client.transaction(self.redis)  # one slot: `{batch}`
+            pipe = await self.records.transaction()  # one slot: `{batch}`
             jobs = self.queue.enqueue_many(pipe, key_id, [g.submission for g in good])
-            if jobs:
-                pipe.rpush(self.keys.openai_batch_jobs(batch_id), *(j["id"] for j in jobs))
-            if errors:
-                pipe.rpush(self.keys.openai_batch_errors(batch_id), *(e.to_output(batch_id) for e in errors))
             invalid += len(errors)
-            pipe.hset(self.keys.openai_batch(batch_id), mapping={"enqueued_line": str(last_line),
-                                                                  "invalid": str(invalid)})
+            self.records.add_enqueued(pipe, batch_id, [j["id"] for j in jobs], [e.to_output(batch_id) for e in errors],
+                                      last_line, invalid)
             # Pending before the jobs exist, so no outcome can arrive for an id we do not know yet.
             for job in jobs:
                 tracked.pending.add(job["id"])
@@ -486,13 +464,12 @@ class BatchManager(Actor[_Drive | _Rescan]):
         batch_id = batch["id"]
         expires_at = float(batch["expires_at"])
         while True:
-            status, expiring = await self.redis.hmget(self.keys.openai_batch(batch_id), ["status", "expiring"])
-            status = text(status or b"")
+            status, expiring = await self.records.status_expiring(batch_id)
             if status == BatchStatus.CANCELLING.value:
                 return BatchStatus.CANCELLED
             if status == BatchStatus.FINALIZING.value:
                 # A restart during finalizing: write the files again.
-                return BatchStatus.EXPIRED if expiring == b"1" else BatchStatus.COMPLETED
+                return BatchStatus.EXPIRED if expiring else BatchStatus.COMPLETED
             if time.time() >= expires_at:
                 return BatchStatus.EXPIRED
             if status != BatchStatus.IN_PROGRESS.value:
@@ -557,17 +534,8 @@ class BatchManager(Actor[_Drive | _Rescan]):
 
     async def _job_rows(self, batch_id: str, fields: tuple[str, ...]) -> AsyncIterator[tuple[str, list[Any]]]:
         """(job id, HMGET of `fields`) for every job of the batch, in input-line order, a chunk at a time."""
-        key = self.keys.openai_batch_jobs(batch_id)
-        start = 0
-        while True:
-            ids = texts(await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1))
-            if not ids:
-                return
-            start += len(ids)
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.hmget(self.keys.job(job_id), fields)
-            for job_id, row in zip(ids, await pipe.execute(), strict=True):
+        async for ids in self.records.job_id_chunks(batch_id, _SCAN_CHUNK):
+            for job_id, row in zip(ids, await self.queue.job_fields(ids, fields), strict=True):
                 yield job_id, row
 
     async def _scan_outcomes(self, batch_id: str, final: BatchStatus) -> dict[str, Any]:
@@ -587,7 +555,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
         if final is BatchStatus.COMPLETED:
             # Jobs cancelled one by one (DELETE /v1/jobs/<id>) or whose record expired did not run: failed.
             failed, other = failed + other, 0
-        invalid = int(await self.redis.hget(self.keys.openai_batch(batch_id), "invalid") or 0)
+        invalid = await self.records.counter(batch_id, "invalid")
         usage_view = None
         if completed:
             usage_view = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
@@ -622,15 +590,9 @@ class BatchManager(Actor[_Drive | _Rescan]):
     async def _error_lines(self, batch: dict[str, str], final: BatchStatus) -> AsyncIterator[bytes]:
         batch_id = batch["id"]
         buf = bytearray()
-        key = self.keys.openai_batch_errors(batch_id)
-        start = 0
-        while True:
-            lines = await self.redis.lrange(key, start, start + _SCAN_CHUNK - 1)
-            if not lines:
-                break
-            start += len(lines)
+        async for lines in self.records.error_line_chunks(batch_id, _SCAN_CHUNK):
             for entry in lines:
-                buf += as_bytes(entry) + b"\n"
+                buf += entry + b"\n"
             yield bytes(buf)
             buf.clear()
         fields = ("status", "metadata", "error", "error_code", "error_type", "runtime_status")
@@ -718,7 +680,7 @@ class BatchManager(Actor[_Drive | _Rescan]):
             ids = list(tracked.pending)
             for start in range(0, len(ids), _SCAN_CHUNK):
                 chunk = ids[start:start + _SCAN_CHUNK]
-                for job_id, status in zip(chunk, await self._statuses(chunk), strict=True):
+                for job_id, status in zip(chunk, await self.queue.statuses(chunk), strict=True):
                     if status in _FINAL_JOB and tracked.settle(job_id, status):
                         self._job_batch.pop(job_id, None)
             if tracked.dirty:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -19,7 +20,7 @@ import orjson
 from redis.asyncio import Redis
 
 from gateway import redis_client
-from gateway.redis_codec import hash_fields, opt_text, text, text_hash, texts
+from gateway.redis_codec import as_bytes, hash_fields, opt_text, text, text_hash, texts
 from gateway.redis_keys import RedisKeys
 
 # Change status only when it is one of the expected ones: ARGV = n, status_1..status_n, field, value, ...
@@ -201,6 +202,60 @@ class BatchRecords:
                     self.keys.openai_batch_errors(batch_id)):
             pipe.expire(key, self.ttl_seconds)
         await pipe.execute()
+
+    async def forget_active(self, batch_id: str) -> None:
+        """Drop a batch from the active set (its record is gone: nothing left to drive)."""
+        await self.redis.srem(self.keys.openai_batches_active, batch_id)
+
+    async def status(self, batch_id: str) -> str | None:
+        """The batch's status alone (None when its record is gone)."""
+        return opt_text(await self.redis.hget(self.keys.openai_batch(batch_id), "status"))
+
+    async def status_expiring(self, batch_id: str) -> tuple[str, bool]:
+        """The batch's status ('' when its record is gone) and whether it is finalizing as expired."""
+        status, expiring = await self.redis.hmget(self.keys.openai_batch(batch_id), ["status", "expiring"])
+        return opt_text(status) or "", opt_text(expiring) == "1"
+
+    async def counter(self, batch_id: str, name: str) -> int:
+        """An integer field of the batch (`enqueued_line`, `invalid`, ...), 0 when unset."""
+        return int(await self.redis.hget(self.keys.openai_batch(batch_id), name) or 0)
+
+    async def job_id_chunks(self, batch_id: str, size: int) -> AsyncIterator[list[str]]:
+        """The batch's job ids in input-line order, `size` at a time (each chunk read when asked for)."""
+        key = self.keys.openai_batch_jobs(batch_id)
+        start = 0
+        while True:
+            ids = texts(await self.redis.lrange(key, start, start + size - 1))
+            if not ids:
+                return
+            start += len(ids)
+            yield ids
+
+    async def error_line_chunks(self, batch_id: str, size: int) -> AsyncIterator[list[bytes]]:
+        """The error-file lines of the batch's invalid input lines, in order, `size` at a time."""
+        key = self.keys.openai_batch_errors(batch_id)
+        start = 0
+        while True:
+            lines = await self.redis.lrange(key, start, start + size - 1)
+            if not lines:
+                return
+            start += len(lines)
+            yield [as_bytes(entry) for entry in lines]
+
+    async def transaction(self) -> Any:
+        """A MULTI/EXEC pipeline on the `{batch}` slot, for `add_enqueued` with JobQueue.enqueue_many."""
+        return await redis_client.transaction(self.redis)
+
+    def add_enqueued(self, pipe: Any, batch_id: str, job_ids: Sequence[str], error_lines: Sequence[bytes],
+                     enqueued_line: int, invalid: int) -> None:
+        """Add to `pipe` (a transaction) the record of one enqueued chunk: its job ids, its invalid lines'
+        errors and the progress cursor, so that they land together with the jobs or not at all."""
+        if job_ids:
+            pipe.rpush(self.keys.openai_batch_jobs(batch_id), *job_ids)
+        if error_lines:
+            pipe.rpush(self.keys.openai_batch_errors(batch_id), *error_lines)
+        pipe.hset(self.keys.openai_batch(batch_id), mapping={"enqueued_line": str(enqueued_line),
+                                                              "invalid": str(invalid)})
 
     async def list(self, key_id: str, *, limit: int, after: str | None) -> BatchPage:
         """A page of the key's batches, newest first, after the cursor (a batch id)."""
