@@ -16,6 +16,12 @@ Jobs are put on the queue through the queue's store (JobQueue.enqueue, what POST
 the enqueue rate of the HTTP API does not cap the figures. Outcomes come from the job event stream and the
 job records. Needs Redis at REDIS_URL (default redis://127.0.0.1:6379/0); each run uses its own key prefix
 and removes it afterwards.
+
+Every node gets its own NODE_ID (they share one host) and the run's shared UPLOAD_DIR, as a fleet needs
+(docs/fleet.md); leases, swap slots and the swap rules are the gateway's defaults.
+
+With --cluster the script starts a local 3-master Redis Cluster from redis-server (the one the tests use,
+scripts/benchlib.py LocalCluster) and runs every node with REDIS_CLUSTER=true against it instead.
 """
 
 from __future__ import annotations
@@ -37,20 +43,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aredis
-from redis.exceptions import RedisError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import delete_prefix, free_port, wait_up  # noqa: E402
+from benchlib import LocalCluster, delete_prefix, free_port, wait_up  # noqa: E402
 
 from gateway.batch.jobs import Endpoint, parse_submission  # noqa: E402
 from gateway.batch.queue import JobQueue  # noqa: E402
-from gateway.redis_keys import RedisKeys  # noqa: E402
+from gateway.redis_client import REDIS_ERRORS, keys_for, open_client  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+CLUSTER: LocalCluster | None = None
+"""The local Redis Cluster of a --cluster run (started in main)."""
 MODEL = "bench/realtime"
 OTHER = "bench/batch-model"
 BATCH_KEY_ID = "bench-fleet-batch"
@@ -124,16 +130,22 @@ def write_keys(path: Path) -> None:
     path.write_text(json.dumps({"keys": keys}))
 
 
-def start_node(name: str, tmp: Path, prefix: str, keys: Path, args: argparse.Namespace) -> Node:
+def redis_url() -> str:
+    return CLUSTER.url if CLUSTER else REDIS_URL
+
+
+def start_node(name: str, tmp: Path, prefix: str, keys: Path, args: argparse.Namespace, uploads: Path) -> Node:
     port = free_port()
     workdir = tmp / name
     workdir.mkdir(parents=True, exist_ok=True)
     pid_file = workdir / "runtime.pid"
-    env = {**os.environ, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(port), "REDIS_URL": REDIS_URL,
+    env = {**os.environ, "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(port), "REDIS_URL": redis_url(),
+           "REDIS_CLUSTER": "true" if CLUSTER else "false", "NODE_ID": name,
+           "NODE_ADDRESS": f"http://127.0.0.1:{port}",
            "REDIS_PREFIX": prefix, "AUTH_KEYS_FILE": str(keys), "RUNTIME_BACKEND": "process",
            "RUNTIME_ARGS": f"--sim-ttft {args.request_seconds}", "RUNTIME_PID_FILE": str(pid_file),
            "REALTIME_MODEL": MODEL, "LOG_FORMAT": "json", "LOG_LEVEL": "warning", "SHUTDOWN_TIMEOUT": "5",
-           "UPLOAD_DIR": str(tmp / "uploads"), "RUNTIME_FAILURE_DIR": str(workdir / "failures"),
+           "UPLOAD_DIR": str(uploads), "RUNTIME_FAILURE_DIR": str(workdir / "failures"),
            "EUROEVAL_DEBUG_LOG": str(workdir / "euroeval.log"), "EUROEVAL_WORK_DIR": str(workdir / "euroeval"),
            "MAX_CONCURRENT_BATCH": str(args.slots), "COSERVE_ADAPTIVE": "false",
            "BATCH_LEASE_SECONDS": str(args.lease_seconds), "PYTHONPATH": str(ROOT)}
@@ -152,11 +164,13 @@ async def swaps_of(http: aiohttp.ClientSession, node: Node) -> Counter[str]:
 
 async def run(n_nodes: int, args: argparse.Namespace, tmp: Path, keys: Path, *, kill: bool = False) -> RunResult:
     prefix = f"bench-fleet:{uuid.uuid4().hex[:10]}:"
-    settings = Settings(_env_file=None, redis_url=REDIS_URL, redis_prefix=prefix,  # type: ignore[call-arg]
-                        realtime_model=MODEL, auth_keys_file=str(keys))
-    redis = aredis.Redis.from_url(REDIS_URL)
-    queue = JobQueue(redis, RedisKeys(prefix), settings)
-    nodes = [start_node(f"{'kill-' if kill else ''}n{n_nodes}-{i}", tmp, prefix, keys, args) for i in range(n_nodes)]
+    settings = Settings(_env_file=None, redis_url=redis_url(), redis_prefix=prefix,  # type: ignore[call-arg]
+                        redis_cluster=CLUSTER is not None, realtime_model=MODEL, auth_keys_file=str(keys))
+    redis = await open_client(settings)
+    queue = JobQueue(redis, keys_for(settings), settings)
+    uploads = tmp / f"uploads-{prefix.split(':')[1]}"  # shared by the run's nodes, as a fleet needs
+    nodes = [start_node(f"{'kill-' if kill else ''}n{n_nodes}-{i}", tmp, prefix, keys, args, uploads)
+             for i in range(n_nodes)]
     events: list[dict[str, str]] = []
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -170,7 +184,7 @@ async def run(n_nodes: int, args: argparse.Namespace, tmp: Path, keys: Path, *, 
             while not stop.is_set():
                 try:
                     batch = await queue.read_events(last, 2000, 200)
-                except RedisError as exc:  # the shared Redis dropped the connection: reconnect, go on
+                except REDIS_ERRORS as exc:  # the shared Redis dropped the connection: reconnect, go on
                     print(f"event stream: {exc!r}; reading on", file=sys.stderr)
                     await asyncio.sleep(0.2)
                     continue
@@ -256,7 +270,7 @@ async def run(n_nodes: int, args: argparse.Namespace, tmp: Path, keys: Path, *, 
         for node in nodes:
             node.stop()
         await redis.aclose()
-        delete_prefix(REDIS_URL, prefix)
+        delete_prefix(redis_url(), prefix, CLUSTER)
 
 
 def takeover(events: list[dict[str, str]], pid: int, killed_at: float) -> tuple[float, int]:
@@ -296,7 +310,8 @@ def print_run(r: RunResult) -> None:
 
 
 def report(one: RunResult, fleet: RunResult, killed: RunResult, args: argparse.Namespace) -> None:
-    print(f"\n== fleet benchmark: {args.jobs} jobs ({args.other_jobs} for a second model), simulator at "
+    where = "a local 3-master Redis Cluster" if CLUSTER else "one Redis"
+    print(f"\n== fleet benchmark on {where}: {args.jobs} jobs ({args.other_jobs} for a second model), simulator at "
           f"{args.request_seconds * 1000:.0f} ms per request, {args.slots} slots per node, "
           f"BATCH_LEASE_SECONDS={args.lease_seconds:g}")
     for r in (one, fleet, killed):
@@ -329,6 +344,8 @@ async def main() -> None:
                         help="BATCH_LEASE_SECONDS (default: the gateway's)")
     parser.add_argument("--timeout", type=float, default=600, help="give up a run after this many seconds")
     parser.add_argument("--quick", action="store_true", help="500 jobs (about 1.5 minutes)")
+    parser.add_argument("--cluster", action="store_true", help="run on a local 3-master Redis Cluster "
+                        "(started from redis-server) with REDIS_CLUSTER=true, instead of the Redis at REDIS_URL")
     args = parser.parse_args()
     if args.quick:
         args.jobs = 500
@@ -336,16 +353,25 @@ async def main() -> None:
         args.other_jobs = args.jobs // 10
     if not 0 <= args.other_jobs <= args.jobs or args.nodes < 2:
         parser.error("need 0 <= --other-jobs <= --jobs and --nodes >= 2")
+    global CLUSTER
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         keys = tmp / "keys.json"
         write_keys(keys)
-        one = await run(1, args, tmp, keys)
-        print_run(one)
-        fleet = await run(args.nodes, args, tmp, keys)
-        print_run(fleet)
-        killed = await run(args.nodes, args, tmp, keys, kill=True)
-        print_run(killed)
+        if args.cluster:
+            (tmp / "cluster").mkdir()
+            CLUSTER = LocalCluster.start(tmp / "cluster")
+            print(f"Redis Cluster: 3 masters on ports {', '.join(map(str, CLUSTER.ports))}", flush=True)
+        try:
+            one = await run(1, args, tmp, keys)
+            print_run(one)
+            fleet = await run(args.nodes, args, tmp, keys)
+            print_run(fleet)
+            killed = await run(args.nodes, args, tmp, keys, kill=True)
+            print_run(killed)
+        finally:
+            if CLUSTER is not None:
+                CLUSTER.stop()
     report(one, fleet, killed, args)
 
 
