@@ -21,6 +21,7 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from redis import asyncio as aredis
+from redis.exceptions import WatchError
 
 from gateway import metrics
 from gateway.bootstrap import create_app
@@ -487,3 +488,34 @@ async def test_an_owner_that_loses_the_lease_while_finalizing_leaves_no_file(
     done = await eventually(completed, timeout=30, interval=0.1)
     assert done["output_file_id"] != stolen[0]
     assert output_files_of(shared, batch_id) == [done["output_file_id"].removeprefix("file-")]
+
+
+async def test_a_takeover_between_renewal_and_exec_writes_nothing_of_the_chunk(
+        redis_backend: Any, redis_prefix: str) -> None:
+    """The enqueue fence, on one Redis and on a cluster: a chunk's transaction (owned_transaction) runs
+    only if nobody took the batch over after its owner was read, so no two nodes enqueue one line."""
+    client = redis_backend.async_client()
+    try:
+        records = BatchRecords(client, RedisKeys(redis_prefix), 3600)
+        batch_id = new_batch_id()
+        await records.create({"id": batch_id, "key_id": "k", "status": "in_progress"})
+        assert await records.take_owner(batch_id, "old", 0.2) == "ok"
+        assert await records.owned_transaction(batch_id, "new") is None  # not the owner: nothing to fence
+        fenced = await records.owned_transaction(batch_id, "old")
+        assert fenced is not None and fenced[1] == "in_progress"
+        pipe, _ = fenced
+        await asyncio.sleep(0.3)  # the old owner stalls past its lease; another node takes the batch over
+        assert await records.take_owner(batch_id, "new", 5) == "ok"
+        records.add_enqueued(pipe, batch_id, ["job_" + "0" * 24], [], 7, 0)
+        with pytest.raises(WatchError):
+            await pipe.execute()
+        assert await records.counter(batch_id, "enqueued_line") == 0
+        assert [ids async for ids in records.job_id_chunks(batch_id, 10)] in ([], [[]])
+        # The new owner's own chunk goes through.
+        fenced = await records.owned_transaction(batch_id, "new")
+        assert fenced is not None
+        records.add_enqueued(fenced[0], batch_id, ["job_" + "1" * 24], [], 7, 0)
+        await fenced[0].execute()
+        assert await records.counter(batch_id, "enqueued_line") == 7
+    finally:
+        await client.aclose()

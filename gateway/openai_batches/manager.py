@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from redis.exceptions import WatchError
 
 from gateway import metrics
 from gateway.actors.base import STOP, Actor
@@ -54,6 +55,9 @@ _RETRY_MAX_SECONDS = 60.0
 _ERRORS_SHOWN = 20
 _YIELD_EVERY = 100
 """Lines checked between two yields to the event loop (~2 ms of CPU)."""
+_FENCE_RETRIES = 5
+"""Tries of one chunk's fenced transaction before the batch is left to the next scan (each try that fails
+wrote nothing: the record changed between the read and EXEC)."""
 
 
 @dataclass(slots=True)
@@ -416,22 +420,42 @@ class BatchManager(Actor[_Drive | _Rescan]):
 
         async def flush() -> bool:
             nonlocal good, errors, invalid
-            # Renewed just before each chunk: a chunk is written only by the lease holder, with a full
-            # lease ahead of it (a chunk takes milliseconds), so two nodes never enqueue the same lines.
-            if await self.records.take_owner(batch_id, self.owner, self.settings.fleet_lease_seconds) != "ok":
+            for _ in range(_FENCE_RETRIES):
+                # Renewed just before each chunk, so the lease has a full term ahead of the chunk; and the
+                # chunk's transaction is fenced by the lease (owned_transaction): if another node took the
+                # batch over meanwhile, nothing of the chunk is written, so no two nodes enqueue one line.
+                if await self.records.take_owner(batch_id, self.owner, self.settings.fleet_lease_seconds) != "ok":
+                    raise _LostOwnership(batch_id)
+                fenced = await self.records.owned_transaction(batch_id, self.owner)  # one slot: `{batch}`
+                if fenced is None:
+                    raise _LostOwnership(batch_id)
+                pipe, status = fenced
+                if status != BatchStatus.IN_PROGRESS.value:
+                    await pipe.reset()
+                    return False  # cancelling or expired: stop feeding the queue
+                jobs = self.queue.enqueue_many(pipe, key_id, [g.submission for g in good])
+                self.records.add_enqueued(pipe, batch_id, [j["id"] for j in jobs],
+                                          [e.to_output(batch_id) for e in errors], last_line, invalid + len(errors))
+                # Pending before the jobs exist, so no outcome can arrive for an id we do not know yet.
+                for job in jobs:
+                    tracked.pending.add(job["id"])
+                    self._job_batch[job["id"]] = batch_id
+                try:
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    # redis-py also reports a connection lost during EXEC as a WatchError: if the chunk
+                    # landed all the same, the cursor says so (only these transactions move it).
+                    if await self.records.counter(batch_id, "enqueued_line") >= last_line:
+                        break
+                    # The record changed since it was read (our own lease renewal, a cancel, a takeover):
+                    # nothing was written; forget the ids and check the lease and the status again.
+                    for job in jobs:
+                        tracked.pending.discard(job["id"])
+                        self._job_batch.pop(job["id"], None)
+            else:
                 raise _LostOwnership(batch_id)
-            if await self.records.status(batch_id) != BatchStatus.IN_PROGRESS.value:
-                return False  # cancelling or expired: stop feeding the queue
-            pipe = await self.records.transaction()  # one slot: `{batch}`
-            jobs = self.queue.enqueue_many(pipe, key_id, [g.submission for g in good])
             invalid += len(errors)
-            self.records.add_enqueued(pipe, batch_id, [j["id"] for j in jobs], [e.to_output(batch_id) for e in errors],
-                                      last_line, invalid)
-            # Pending before the jobs exist, so no outcome can arrive for an id we do not know yet.
-            for job in jobs:
-                tracked.pending.add(job["id"])
-                self._job_batch[job["id"]] = batch_id
-            await pipe.execute()
             await self.queue.notify(j["model"] for j in jobs)
             metrics.BATCH_JOBS.labels("enqueued").inc(len(jobs))
             metrics.OPENAI_BATCH_LINES.labels("enqueued").inc(len(jobs))

@@ -246,6 +246,24 @@ class BatchRecords:
         """A MULTI/EXEC pipeline on the `{batch}` slot, for `add_enqueued` with JobQueue.enqueue_many."""
         return await redis_client.transaction(self.redis)
 
+    async def owned_transaction(self, batch_id: str, owner: str) -> tuple[Any, str] | None:
+        """A MULTI/EXEC pipeline on the `{batch}` slot fenced by the owner lease, and the batch's status.
+
+        The record is WATCHed before its owner is read, so the transaction runs only if nothing wrote the
+        record in between: a takeover (which writes `owner`) makes its EXEC fail with WatchError, and the
+        chunk is never enqueued by two nodes. None (nothing watched) when `owner` does not hold the batch.
+        The caller adds its commands and executes it, or calls `reset()` to drop it.
+        """
+        pipe = await redis_client.transaction(self.redis)
+        key = self.keys.openai_batch(batch_id)
+        await pipe.watch(key)
+        current, status = await pipe.hmget(key, ["owner", "status"])
+        if opt_text(current) != owner:
+            await pipe.reset()
+            return None
+        pipe.multi()
+        return pipe, opt_text(status) or ""
+
     def add_enqueued(self, pipe: Any, batch_id: str, job_ids: Sequence[str], error_lines: Sequence[bytes],
                      enqueued_line: int, invalid: int) -> None:
         """Add to `pipe` (a transaction) the record of one enqueued chunk: its job ids, its invalid lines'
