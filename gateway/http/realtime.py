@@ -424,16 +424,9 @@ class _SseRelay:
             self.first = False
         self.last_at = now
         self.chunks += 1
-        if self.buffer:
-            chunk, self.buffer = self.buffer + chunk, b""
-        if not chunk.endswith(b"\n\n"):
-            cut = chunk.rfind(b"\n\n")
-            if cut < 0:
-                if len(chunk) > SSE_EVENT_MAX:
-                    raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
-                self.buffer = chunk
-                return
-            chunk, self.buffer = chunk[: cut + 2], chunk[cut + 2:]
+        chunk = self._whole_events(chunk)
+        if not chunk:
+            return
         # Fast path: whole events with neither usage nor [DONE] are relayed as they came.
         if b"data: [DONE]" in chunk or _USAGE_MARKERS[0] in chunk or _USAGE_MARKERS[1] in chunk:
             out: list[bytes] = []
@@ -459,15 +452,9 @@ class _SseRelay:
         It ends with response.completed (which carries the usage), response.incomplete or response.failed.
         The first output delta is the first token (response.created comes before any generation).
         """
-        if self.buffer:
-            chunk, self.buffer = self.buffer + chunk, b""
-        cut = chunk.rfind(b"\n\n")
-        if cut < 0:
-            if len(chunk) > SSE_EVENT_MAX:
-                raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
-            self.buffer = chunk
+        chunk = self._whole_events(chunk)
+        if not chunk:
             return
-        chunk, self.buffer = chunk[: cut + 2], chunk[cut + 2:]
         for event in chunk.split(b"\n\n"):
             name = event[7:event.find(b"\n")] if event.startswith(b"event: ") else b""
             if name.endswith(b".delta"):
@@ -486,6 +473,22 @@ class _SseRelay:
                     inner = obj.get("response") if isinstance(obj, dict) else None
                     self.prompt_tokens, self.completion_tokens = _usage_of(inner)
         self._write(chunk)
+
+    def _whole_events(self, chunk: bytes) -> bytes:
+        """The buffered start of an event plus `chunk`, up to the end of its last whole event (the rest is
+        kept for the next chunk); b"" while no event is complete."""
+        if self.buffer:
+            chunk, self.buffer = self.buffer + chunk, b""
+        if chunk.endswith(b"\n\n"):
+            return chunk
+        cut = chunk.rfind(b"\n\n")
+        if cut < 0:
+            if len(chunk) > SSE_EVENT_MAX:
+                raise _EventTooLarge(f"{len(chunk)} bytes without an event end")
+            self.buffer = chunk
+            return b""
+        self.buffer = chunk[cut + 2:]
+        return chunk[: cut + 2]
 
     def token_times(self) -> tuple[float, float | None]:
         """Time to first token and, with two tokens or more, the mean gap between tokens after it."""
