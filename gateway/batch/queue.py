@@ -266,6 +266,8 @@ else
   redis.call('PUBLISH', ARGV[5], ARGV[7])
 end
 emit(KEYS[2], ARGV[6], KEYS[1], 'cancelled', ARGV[1])
+-- A cancelled job is never sent again: its stored request goes now, not when the job expires.
+redis.call('HDEL', KEYS[1], 'request')
 return {'done', f[1]}
 """
 
@@ -543,8 +545,6 @@ class JobQueue:
             metrics.BATCH_JOBS.labels("cancelled").inc()
         else:
             outcome = f"already:{outcome}"
-        if outcome == "cancelled":
-            await self.drop_requests([job_id])
         return outcome, await self.get(job_id)
 
     def _cancel_call(self, job_id: str, key_id: str, now: str) -> redis_client.ScriptCall:
@@ -591,11 +591,9 @@ class JobQueue:
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
             results = await redis_client.run_scripts(self.redis, [self._cancel_call(j, key_id, now) for j in chunk])
-            done = [j for j, result in zip(chunk, results, strict=True) if text(result[0]) == "done"]
-            if done:
-                await self.drop_requests(done)
-            cancelled += len(done)
-            metrics.BATCH_JOBS.labels("cancelled").inc(len(done))
+            done = sum(1 for result in results if text(result[0]) == "done")
+            cancelled += done
+            metrics.BATCH_JOBS.labels("cancelled").inc(done)
         return cancelled
 
     async def requeue_failed(self, job_id: str, reason: str = "operator") -> str:
@@ -891,12 +889,6 @@ class JobQueue:
             await self.redis.xtrim(self.keys.job_events, minid=min_id, approximate=False)
 
     # --- events
-    async def event(self, job: Mapping[str, str], event: str, **extra: str) -> None:
-        """Append one state change of a job to the event stream."""
-        pipe = self.redis.pipeline(transaction=False)
-        self._xadd(pipe, job, event, **extra)
-        await pipe.execute()
-
     def _xadd(self, pipe: Any, job: Mapping[str, str], event: str, **extra: str) -> None:
         entry = {
             "event": event,
@@ -943,11 +935,3 @@ class JobQueue:
                 await self.redis.zrem(index, *gone)
             start += len(ids) - len(gone)
         return int(await self.redis.zcard(index))
-
-    async def drop_requests(self, job_ids: Sequence[str]) -> None:
-        """Delete the stored request bodies of cancelled jobs (never needed again; a cancelled job cannot be
-        requeued), so cancelling gives the key's stored bytes back at once rather than after the TTL."""
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hdel(self.keys.job(job_id), "request")
-        await pipe.execute()
