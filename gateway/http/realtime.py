@@ -240,11 +240,6 @@ def _upstream_error(kind: str, exc: BaseException | None = None) -> ApiError:
                     type="server_error", code="upstream_unavailable")
 
 
-def _usage_of(obj: Any) -> tuple[int, int]:
-    # One reading of usage for every endpoint (gateway/tokens.py), stream events included.
-    return response_tokens(obj)
-
-
 def _not_supported(settings: Settings, path: str) -> ApiError:
     return ApiError(404, f"The {settings.runtime_type} runtime (RUNTIME_TYPE) has no {path} endpoint; "
                     "this gateway cannot serve it.", code="endpoint_not_supported")
@@ -314,7 +309,7 @@ async def _proxy(request: web.Request, endpoint: Endpoint) -> web.StreamResponse
         if upstream.status == 200:
             ok = True
             try:
-                prompt_tokens, completion_tokens = _usage_of(orjson.loads(payload))
+                prompt_tokens, completion_tokens = response_tokens(orjson.loads(payload))
             except orjson.JSONDecodeError:
                 pass
         elif upstream.status == 404 and _route_missing(payload):
@@ -418,10 +413,7 @@ class _SseRelay:
             self._responses_chunk(chunk, now)
             return
         if self.first:
-            self.first_at = now
-            metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
-            self.activity.first_token(self.awaiting, now - self.started)  # co-serving's signal, at once
-            self.first = False
+            self._first_token(now)
         self.last_at = now
         self.chunks += 1
         chunk = self._whole_events(chunk)
@@ -437,7 +429,7 @@ class _SseRelay:
                     self.done = True
                 elif any(m in event for m in _USAGE_MARKERS) and event.startswith(b"data: "):
                     obj = orjson.loads(event[6:])
-                    self.prompt_tokens, self.completion_tokens = _usage_of(obj)
+                    self.prompt_tokens, self.completion_tokens = response_tokens(obj)
                     if not self.wants_usage and not obj.get("choices"):
                         continue
                 out.append(event + b"\n\n")
@@ -459,20 +451,22 @@ class _SseRelay:
             name = event[7:event.find(b"\n")] if event.startswith(b"event: ") else b""
             if name.endswith(b".delta"):
                 if self.first:
-                    self.first_at = now
-                    metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
-                    self.activity.first_token(self.awaiting, now - self.started)  # co-serving's signal, at once
-                    self.first = False
+                    self._first_token(now)
                 self.last_at = now
                 self.chunks += 1
             elif name in _RESPONSES_ENDS:
                 self.done = True
                 at = event.find(b"\ndata: ")
                 if at >= 0 and any(m in event for m in _USAGE_MARKERS):
-                    obj = orjson.loads(event[at + 7:])
-                    inner = obj.get("response") if isinstance(obj, dict) else None
-                    self.prompt_tokens, self.completion_tokens = _usage_of(inner)
+                    # response.completed carries its usage under `response`, which response_tokens reads.
+                    self.prompt_tokens, self.completion_tokens = response_tokens(orjson.loads(event[at + 7:]))
         self._write(chunk)
+
+    def _first_token(self, now: float) -> None:
+        self.first_at = now
+        metrics.UPSTREAM_TTFT_BY(self.path).observe(now - self.started)
+        self.activity.first_token(self.awaiting, now - self.started)  # co-serving's signal, at once
+        self.first = False
 
     def _whole_events(self, chunk: bytes) -> bytes:
         """The buffered start of an event plus `chunk`, up to the end of its last whole event (the rest is
