@@ -889,6 +889,12 @@ class JobQueue:
             await self.redis.xtrim(self.keys.job_events, minid=min_id, approximate=False)
 
     # --- events
+    async def event(self, job: Mapping[str, str], event: str, **extra: str) -> None:
+        """Append one state change of a job to the event stream."""
+        pipe = self.redis.pipeline(transaction=False)
+        self._xadd(pipe, job, event, **extra)
+        await pipe.execute()
+
     def _xadd(self, pipe: Any, job: Mapping[str, str], event: str, **extra: str) -> None:
         entry = {
             "event": event,
